@@ -1,0 +1,11 @@
+"""Differentially private training for any LightningModule.
+
+    trainer = L.Trainer(strategy=DPStrategy(max_grad_norm=1.0),
+                        callbacks=[PrivacyBudget(epsilon=3.0, delta=1e-5)])
+"""
+
+from lightning_dp.budget import PrivacyBudget, PrivacyBudgetExhausted
+from lightning_dp.strategy import DPStrategy
+
+__all__ = ["DPStrategy", "PrivacyBudget", "PrivacyBudgetExhausted"]
+__version__ = "0.1.0"

@@ -1,0 +1,13 @@
+"""Per-sample gradients: the engines that compute them and the check that they are right."""
+
+from lightning_dp.grads.check import PerSampleGradientMismatch, check_per_sample_grads
+from lightning_dp.grads.engine import PerSampleGradEngine, make_engine
+from lightning_dp.grads.hooks import OpacusHooksEngine
+
+__all__ = [
+    "OpacusHooksEngine",
+    "PerSampleGradEngine",
+    "PerSampleGradientMismatch",
+    "check_per_sample_grads",
+    "make_engine",
+]

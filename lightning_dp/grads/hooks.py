@@ -1,0 +1,98 @@
+"""Per-sample gradients from Opacus's module hooks (``GradSampleHooks``).
+
+Opacus infers each layer's batch dimension from the activations it sees, so a layer applied
+to a tensor without the batch dimension (``pos_emb(torch.arange(T))``) gets per-"sample"
+gradients along the wrong axis: a crash when ``T`` differs from the batch size, silently wrong
+values when it equals it. This engine therefore verifies on every chunk that each parameter
+has exactly one gradient row per example, and the strategy's start-of-fit check compares its
+output with plain backward passes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Optional
+
+from opacus.grad_sample import GradSampleHooks
+from torch import Tensor, nn
+
+from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, param_names
+
+# Opacus registers full backward hooks on every layer; torch warns when the first layer's input
+# needs no gradient, which is the normal case for data and says nothing about correctness.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect")
+
+
+class PerSampleGradientError(RuntimeError):
+    """The engine produced per-sample gradients that cannot be right."""
+
+
+class OpacusHooksEngine(PerSampleGradEngine):
+    """Opacus's per-layer grad samplers, with functorch for layers Opacus has no sampler for."""
+
+    name = "hooks"
+
+    def __init__(self) -> None:
+        self._hooks: Optional[GradSampleHooks] = None
+        self._names: dict[nn.Parameter, str] = {}
+
+    def attach(self, module: nn.Module) -> None:
+        if self._hooks is not None:
+            return  # fit, then fit again on the same strategy: hooks are already there
+        # loss_reduction="sum": Opacus would scale by the batch size *it infers* per layer,
+        # which is the very guess that goes wrong; we scale by the known chunk size instead.
+        self._hooks = GradSampleHooks(module, batch_first=True, loss_reduction="sum", strict=False)
+        self._names = param_names(module)
+
+    def detach(self) -> None:
+        if self._hooks is not None:
+            self._hooks.cleanup()
+            self._hooks = None
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        assert self._hooks is not None
+        self._hooks.disable_hooks()
+        try:
+            yield
+        finally:
+            self._hooks.enable_hooks()
+
+    def per_sample_grads(
+        self, loss: Tensor, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
+    ) -> list[Optional[Tensor]]:
+        assert self._hooks is not None, "engine used before attach()"
+        loss.backward()
+        out: list[Optional[Tensor]] = []
+        try:
+            for p in params:
+                gs = getattr(p, "grad_sample", None)
+                if isinstance(gs, list):  # several backward passes accumulated (not ours to merge)
+                    gs = sum(gs)
+                if gs is None:
+                    if p.grad is not None:
+                        raise PerSampleGradientError(
+                            f"Parameter {self._names.get(p, '?')!r} received a gradient but the "
+                            f"'{self.name}' engine computed no per-sample gradient for it (a parameter "
+                            "used outside an nn.Module layer Opacus can hook). Training it would leak "
+                            "the unclipped gradient, so DP training stops here."
+                        )
+                    out.append(None)
+                    continue
+                if gs.shape[0] != batch_size or gs.shape[1:] != p.shape:
+                    raise PerSampleGradientError(
+                        f"The '{self.name}' engine returned per-sample gradients of shape "
+                        f"{tuple(gs.shape)} for parameter {self._names.get(p, '?')!r} on a chunk of "
+                        f"{batch_size} examples; expected {(batch_size, *p.shape)}. Opacus guessed the "
+                        "batch dimension from a tensor without one (e.g. pos_emb(torch.arange(T)))."
+                    )
+                gs = gs.to(p.dtype)
+                out.append(gs * batch_size if loss_reduction == "mean" else gs)
+        finally:
+            for p in params:
+                p.grad = None  # the plain summed gradient is not private: never let it reach a step
+                if hasattr(p, "grad_sample"):
+                    p.grad_sample = None
+        return out

@@ -1,0 +1,460 @@
+"""``DPStrategy``: wires the DP-SGD mechanism into Lightning's training loop.
+
+Where each part of a step happens:
+
+* ``process_dataloader``: the training loader becomes a Poisson sampler (``sampling.py``).
+* ``training_step``: for each physical chunk of the Poisson batch, the user's
+  ``training_step`` runs and the engine turns its loss into per-example gradients
+  (``grads/``), which are clipped and summed (``mechanism.py``).
+* ``optimizer_step``: after the closure, noise is added once, the sum is divided by the
+  expected batch size, the step is recorded in :attr:`DPStrategy.history`, and the user's
+  optimizer steps.
+* ``on_train_start``: the per-sample gradients are checked against one-example backward
+  passes before any private step.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_dp.accounting import PrivacyHistory
+from lightning_dp.grads import check_per_sample_grads, make_engine
+from lightning_dp.grads.engine import LossReduction
+from lightning_dp.mechanism import GaussianMechanism
+from lightning_dp.modules import UnsupportedModuleError, replace_batch_norm, unsupported_layers
+from lightning_dp.sampling import PoissonBatch, collate_examples, is_poisson_dataloader, poisson_dataloader
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from lightning_dp.budget import PrivacyBudget
+
+__all__ = ["DPStrategy"]
+
+# Lightning warns when training_step returns None; under DP that only happens on an empty
+# Poisson draw (a user's None on a non-empty batch is an error), which is expected.
+_EMPTY_STEP_WARNING = re.escape("`training_step` returned `None`")
+
+_CHECK_EXAMPLES = 4
+
+
+class DPStrategy(SingleDeviceStrategy):
+    r"""Differentially private training (DP-SGD) on one device.
+
+    Every training batch is a Poisson sample of the training set; each example's gradient
+    is clipped to ``max_grad_norm``, the clipped gradients are summed, Gaussian noise with
+    standard deviation ``noise_multiplier * max_grad_norm`` is added once, and the result
+    divided by the expected batch size is what the user's optimizer sees. Pair it with the
+    :class:`~lightning_dp.PrivacyBudget` callback to calibrate the noise, track epsilon and
+    stop on the budget.
+
+    Args:
+        max_grad_norm: clipping norm ``C`` for each example's gradient (> 0).
+        noise_multiplier: ``sigma``, the noise standard deviation in units of ``C`` (>= 0).
+            ``None`` lets :class:`~lightning_dp.PrivacyBudget` calibrate it to the target.
+        max_physical_batch_size: process each Poisson batch in chunks of at most this many
+            examples (bounded memory); a batch still gives exactly one noisy update.
+            ``None``: no split.
+        secure_mode: seed the noise and the Poisson draws from OS entropy at every step and
+            sum four Gaussian draws per noise value (Holohan et al. 2021). This protects
+            against an attacker who knows or can set the training seed (``seed_everything``
+            then no longer reproduces the noise) and against reading single draws' low-order
+            bits. It does *not* make torch's generators cryptographically secure, nor remove
+            timing side channels.
+        loss_reduction: how ``training_step``'s loss reduces over the batch: ``"mean"``
+            (default) or ``"sum"``. The start-of-fit check tells you if it is the other.
+        engine: the per-sample gradient engine: ``"hooks"`` (Opacus's layer hooks).
+        check_per_sample_grads: before the first step, compare the engine's per-sample
+            gradients with one-example backward passes on a few training examples, and refuse
+            to train on mismatch. Turn off only after verifying the gradients yourself.
+        replace_batch_norm: replace BatchNorm layers by GroupNorm in the model the Trainer
+            trains (otherwise they are refused).
+        device: the device to train on; by default the one the Trainer's accelerator picks.
+
+    Example::
+
+        import lightning as L
+        from lightning_dp import DPStrategy, PrivacyBudget
+
+        trainer = L.Trainer(
+            max_epochs=10,
+            strategy=DPStrategy(max_grad_norm=1.0),
+            callbacks=[PrivacyBudget(epsilon=3.0, delta=1e-5)],
+        )
+        trainer.fit(model, datamodule=dm)
+
+    Also available as ``Trainer(strategy="dp")`` once ``lightning_dp`` is imported.
+    """
+
+    strategy_name = "dp"
+
+    def __init__(
+        self,
+        max_grad_norm: float = 1.0,
+        noise_multiplier: Optional[float] = None,
+        max_physical_batch_size: Optional[int] = None,
+        secure_mode: bool = False,
+        loss_reduction: LossReduction = "mean",
+        engine: Literal["hooks"] = "hooks",
+        check_per_sample_grads: bool = True,
+        replace_batch_norm: bool = False,
+        device: Optional[Union[str, torch.device]] = None,
+        accelerator: Optional[pl.accelerators.Accelerator] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+    ) -> None:
+        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a number > 0, got {max_grad_norm!r}")
+        if noise_multiplier is not None and not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0):
+            raise ValueError(f"noise_multiplier must be a number >= 0 or None, got {noise_multiplier!r}")
+        if max_physical_batch_size is not None and not (
+            isinstance(max_physical_batch_size, int) and max_physical_batch_size > 0
+        ):
+            raise ValueError(f"max_physical_batch_size must be a positive int or None, got {max_physical_batch_size!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        super().__init__(
+            device=device if device is not None else "cpu",
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        # Lightning's accelerator connector fills ``parallel_devices`` from Trainer(devices=...)
+        # when the strategy leaves it empty: that is how an unpinned DPStrategy lands on the GPU.
+        self.parallel_devices: Optional[list[torch.device]] = [torch.device(device)] if device is not None else None
+        self.max_grad_norm = float(max_grad_norm)
+        self.requested_noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
+        self.noise_multiplier: Optional[float] = self.requested_noise_multiplier
+        self.max_physical_batch_size = max_physical_batch_size
+        self.secure_mode = secure_mode
+        self.loss_reduction: LossReduction = loss_reduction
+        self.check_per_sample_grads = check_per_sample_grads
+        self.replace_batch_norm = replace_batch_norm
+        self.engine = make_engine(engine)
+        #: The ledger of every noisy step this strategy took (shared with PrivacyBudget).
+        self.history = PrivacyHistory()
+        self.budget: Optional[PrivacyBudget] = None
+        self.train_dataloader: Optional[DataLoader] = None
+        self._mechanism: Optional[GaussianMechanism] = None
+        self._pending: Optional[PoissonBatch] = None
+        self._dp_fitting = False
+
+    # ------------------------------------------------------------------ devices
+    @property
+    def root_device(self) -> torch.device:
+        if self.parallel_devices:
+            return self.parallel_devices[0]
+        return self._root_device
+
+    # ------------------------------------------------------------------ setup
+    def connect(self, model: pl.LightningModule) -> None:
+        super().connect(model)
+        # Replace before a checkpoint is restored into the module, so its GroupNorm weights load.
+        self._replace_batch_norm(model)
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            if self.parallel_devices and len(self.parallel_devices) > 1:
+                raise ValueError(
+                    f"DPStrategy trains on one device but the Trainer was given {len(self.parallel_devices)}. "
+                    "Use Trainer(devices=1)."
+                )
+            self._check_trainer(trainer)
+            module = self.lightning_module
+            assert module is not None
+            self._replace_batch_norm(module)  # layers built in configure_model
+            problems = unsupported_layers(module)
+            if problems:
+                raise UnsupportedModuleError(
+                    "DPStrategy cannot train this model as it is:\n  - " + "\n  - ".join(problems)
+                )
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            assert self.lightning_module is not None
+            self.engine.attach(self.lightning_module)
+            self._dp_fitting = True
+            warnings.filterwarnings("ignore", message=_EMPTY_STEP_WARNING)
+
+    def _replace_batch_norm(self, module: nn.Module) -> None:
+        if self.replace_batch_norm:
+            replaced = replace_batch_norm(module)
+            if replaced:
+                rank_zero_info(f"DPStrategy: replaced BatchNorm by GroupNorm in {', '.join(replaced)}.")
+
+    def _check_trainer(self, trainer: pl.Trainer) -> None:
+        module = self.lightning_module
+        assert module is not None
+        if not module.automatic_optimization:
+            raise ValueError(
+                "DPStrategy supports automatic optimization only: this LightningModule sets "
+                "automatic_optimization = False. Let Lightning call backward and step."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported "
+                "with DP: gradient accumulation breaks Poisson sampling (each accumulated batch would be "
+                "a separate draw normalised twice). For large logical batches in bounded memory use a "
+                "larger DataLoader batch_size with DPStrategy(max_physical_batch_size=...)."
+            )
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the already noised, "
+                "averaged gradient, not each example's. Remove it and set DPStrategy(max_grad_norm=...)."
+            )
+        precision = self.precision_plugin
+        if isinstance(precision, MixedPrecision) and precision.scaler is not None:
+            raise ValueError(
+                "precision='16-mixed' uses a gradient scaler that DP-SGD's per-sample gradients bypass. "
+                "Use precision='bf16-mixed' or '32-true'."
+            )
+
+    # ------------------------------------------------------------------ data
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or trainer.state.stage != RunningStage.TRAINING or not self._dp_fitting:
+            return dataloader  # validation, test and predict loaders stay exactly as they are
+        if is_poisson_dataloader(dataloader):
+            self.train_dataloader = dataloader  # type: ignore[assignment]
+            return dataloader
+        from torch.utils.data import DataLoader
+
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(
+                f"DP training needs a torch DataLoader to Poisson-sample, got {type(dataloader).__name__}."
+            )
+        self.train_dataloader = poisson_dataloader(dataloader, self.max_physical_batch_size, self.secure_mode)
+        return self.train_dataloader
+
+    @property
+    def sample_rate(self) -> float:
+        """The Poisson sampling rate ``q`` of the training loader."""
+        if self.train_dataloader is None:
+            raise RuntimeError("The training loader has not been set up yet.")
+        return self.train_dataloader.batch_sampler.sample_rate  # type: ignore[union-attr]
+
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        if not isinstance(batch, PoissonBatch):
+            return super().batch_to_device(batch, device, dataloader_idx)
+        # The user's transfer hooks expect their own batch format: apply them per chunk.
+        return PoissonBatch(
+            chunks=tuple(super(DPStrategy, self).batch_to_device(c, device, dataloader_idx) for c in batch.chunks),
+            sizes=batch.sizes,
+            sample_rate=batch.sample_rate,
+            expected_size=batch.expected_size,
+        )
+
+    # ------------------------------------------------------------------ the step
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.noise_multiplier is None:
+            raise ValueError(
+                "DPStrategy(noise_multiplier=None) asks for the noise to be calibrated, but no "
+                "PrivacyBudget callback is attached. Add callbacks=[PrivacyBudget(epsilon=..., "
+                "delta=...)] or set noise_multiplier."
+            )
+        if self.noise_multiplier == 0:
+            rank_zero_warn("DPStrategy: noise_multiplier=0 adds no noise; this run is NOT differentially private.")
+        if self.budget is None:
+            rank_zero_warn(
+                "DPStrategy is training without a PrivacyBudget callback: the mechanism runs, but nothing "
+                "tracks, logs or limits the privacy spent."
+            )
+        if self.check_per_sample_grads:
+            self._check_per_sample_grads()
+        else:
+            rank_zero_warn(
+                "DPStrategy(check_per_sample_grads=False): per-sample gradients are not verified for this "
+                "model; if they are wrong, the privacy guarantee does not hold."
+            )
+
+    def _check_per_sample_grads(self) -> None:
+        module = self.lightning_module
+        loader = self.train_dataloader
+        assert module is not None
+        if loader is None:
+            return  # no training data: nothing will be trained
+        n = min(_CHECK_EXAMPLES, len(loader.dataset), self.max_physical_batch_size or _CHECK_EXAMPLES)  # type: ignore[arg-type]
+        params = _trainable(module)
+
+        def batch_of(indices: Any) -> Any:
+            return super(DPStrategy, self).batch_to_device(collate_examples(loader, indices))
+
+        with _train_mode(module), _silenced_logging(module):
+            worst = check_per_sample_grads(
+                self.engine, module, params, batch_of, lambda b: self._run_training_step(b, 0)[1], list(range(n)),
+                self.loss_reduction,
+            )
+        rank_zero_info(
+            f"DPStrategy: per-sample gradients of the '{self.engine.name}' engine match one-example backward "
+            f"passes on {n} training examples (largest relative error {worst:.1e})."
+        )
+
+    def _run_training_step(self, batch: Any, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
+        module = self.lightning_module
+        assert module is not None
+        with self.precision_plugin.train_step_context():
+            output = module.training_step(batch, *args, **kwargs)
+        loss = _loss(output)
+        if loss is None:
+            raise RuntimeError(
+                "training_step returned None on a non-empty batch. Under DP every sampled batch must "
+                "produce a step: skipping one depending on the data would itself leak information."
+            )
+        return output, loss
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.pop("batch")
+        rest = args[1:]
+        if not isinstance(batch, PoissonBatch):
+            raise RuntimeError(
+                "DPStrategy received a training batch that was not Poisson-sampled "
+                f"({type(batch).__name__}); the privacy guarantee would not hold. Batches must come from "
+                "the training DataLoader that DPStrategy.process_dataloader prepared."
+            )
+        if self.noise_multiplier is None:
+            raise RuntimeError("DPStrategy has no noise multiplier in force; see on_train_start's error.")
+        if self._pending is not None:
+            raise RuntimeError("A private gradient was computed but never released by an optimizer step.")
+        if self.budget is not None:
+            self.budget.ensure_step_allowed()
+        module = self.lightning_module
+        assert module is not None
+        params = _trainable(module)
+        mechanism = GaussianMechanism(params, self.max_grad_norm, self.secure_mode)
+        output: Any = None
+        loss_sum: Optional[Tensor] = None
+        for chunk, size in zip(batch.chunks, batch.sizes):
+            _point_logging_at(module, chunk)
+            output, loss = self._run_training_step(chunk, *rest, **kwargs)
+            mechanism.add(self.engine.per_sample_grads(loss, params, size, self.loss_reduction))
+            loss_sum = loss.detach() * size if loss_sum is None else loss_sum + loss.detach() * size
+        self._mechanism = mechanism
+        self._pending = batch
+        if loss_sum is None:
+            return None  # empty draw: no training_step, but the noise-only step still happens
+        mean_loss = loss_sum / batch.size
+        if isinstance(output, Mapping):  # the last chunk's extra outputs, with the batch's mean loss
+            return {**output, "loss": mean_loss}
+        return mean_loss
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if not self._dp_fitting:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        # The per-example backward passes already ran in training_step; keep the hooks' order.
+        module = self.lightning_module
+        assert module is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        if not self._dp_fitting:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        calls = 0
+
+        def private_closure() -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} evaluates its closure more than once per step (like LBFGS); "
+                    "each evaluation would be a separate release of private data. Use a first-order "
+                    "optimizer with DP training."
+                )
+            result = closure()
+            self._release()
+            return result
+
+        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+
+    def _release(self) -> None:
+        batch, mechanism = self._pending, self._mechanism
+        if batch is None or mechanism is None:
+            raise RuntimeError("The optimizer stepped without a private gradient from DPStrategy.training_step.")
+        assert self.noise_multiplier is not None
+        mechanism.release(self.noise_multiplier, batch.expected_size)
+        self.history.record(self.noise_multiplier, batch.sample_rate)
+        self._pending = self._mechanism = None
+
+    # ------------------------------------------------------------------ teardown
+    def teardown(self) -> None:
+        if self._dp_fitting:
+            self.engine.detach()
+            self._dp_fitting = False
+            self._pending = self._mechanism = None
+            _remove_warning_filter(_EMPTY_STEP_WARNING)
+        super().teardown()
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    # Recomputed every step: a parameter unfrozen by a callback must be clipped and noised too.
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _loss(output: Any) -> Optional[Tensor]:
+    if output is None or isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        return output.get("loss")
+    raise TypeError(f"training_step must return a loss tensor, a dict with 'loss', or None; got {type(output).__name__}")
+
+
+def _point_logging_at(module: pl.LightningModule, chunk: Any) -> None:
+    """Let ``self.log`` infer the batch size from the chunk ``training_step`` sees (Lightning
+    would otherwise look inside the PoissonBatch wrapper)."""
+    results = module.trainer._results
+    if results is not None:
+        results.batch = chunk
+        results.batch_size = None
+
+
+@contextmanager
+def _train_mode(module: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    module.train()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
+def _silenced_logging(module: pl.LightningModule) -> Iterator[None]:
+    """The check runs training_step outside the loop, where self.log would raise or pollute metrics."""
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log
+        del module.log_dict
+
+
+def _remove_warning_filter(pattern: str) -> None:
+    for entry in list(warnings.filters):
+        if entry[0] == "ignore" and entry[1] is not None and entry[1].pattern == pattern:
+            warnings.filters.remove(entry)
+            warnings._filters_mutated()  # type: ignore[attr-defined]  # as filterwarnings() does
+            break
+
+
+StrategyRegistry.register(
+    "dp", DPStrategy, description="Differentially private training (DP-SGD) on one device", override=True
+)
