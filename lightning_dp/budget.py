@@ -111,9 +111,6 @@ class PrivacyBudget(Callback):
                 f"PrivacyBudget needs Trainer(strategy=DPStrategy(...)) (or strategy='dp'), but the Trainer "
                 f"uses {type(strategy).__name__}: the run would not be private and epsilon would be meaningless."
             )
-        budgets = [cb for cb in trainer.callbacks if isinstance(cb, PrivacyBudget)]  # type: ignore[attr-defined]
-        if len(budgets) > 1:
-            raise ValueError("Only one PrivacyBudget callback may be attached to a Trainer.")
         if strategy.history is not self._ledger:
             # This callback's ledger is the budget's memory: a strategy that already took steps
             # elsewhere adds them, it never replaces them.

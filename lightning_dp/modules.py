@@ -19,15 +19,22 @@ class UnsupportedModuleError(ValueError):
 
 def replace_batch_norm(module: nn.Module) -> list[str]:
     """Replace every BatchNorm layer inside ``module`` by a GroupNorm over the same channels,
-    in place. Returns the names of the replaced layers."""
+    in place. Returns the names of the replaced layers.
+
+    ``BatchNorm2d``/``3d`` become ``GroupNorm(gcd(32, C), C)`` (Wu & He's 32 groups);
+    ``BatchNorm1d`` becomes ``GroupNorm(1, C)``, since its input is often ``(N, C)`` where any
+    finer grouping would normalise single values.
+    """
     replaced = []
     for name, parent in list(module.named_modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, _BatchNorm):
                 c = child.num_features
-                setattr(parent, child_name, nn.GroupNorm(math.gcd(32, c), c, eps=child.eps, affine=child.affine).to(
-                    device=child.weight.device if child.weight is not None else None
-                ))
+                groups = 1 if isinstance(child, nn.BatchNorm1d) else math.gcd(32, c)
+                norm = nn.GroupNorm(groups, c, eps=child.eps, affine=child.affine)
+                if child.weight is not None:
+                    norm = norm.to(device=child.weight.device, dtype=child.weight.dtype)
+                setattr(parent, child_name, norm)
                 replaced.append(f"{name}.{child_name}" if name else child_name)
     return replaced
 

@@ -1,0 +1,123 @@
+"""Small real models and data for the tests (CPU, no downloads)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_dataset(n: int = 64, d: int = 6, k: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def loader(ds: TensorDataset, batch_size: int = 8, **kw: Any) -> DataLoader:
+    kw.setdefault("shuffle", True)
+    return DataLoader(ds, batch_size=batch_size, **kw)
+
+
+class Classifier(L.LightningModule):
+    """A small MLP. Records every training batch it sees so tests can recompute the update."""
+
+    def __init__(self, d: int = 6, k: int = 3, hidden: int = 8, lr: float = 1.0, reduction: str = "mean",
+                 optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, k))
+        self.lr = lr
+        self.reduction = reduction
+        self.optimizer = optimizer
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.training_step_calls = 0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(x), y, reduction=self.reduction)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        self.training_step_calls += 1
+        self.seen.append((x.detach().clone(), y.detach().clone()))
+        loss = self.loss(x, y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", self.loss(x, y).mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "lbfgs":
+            return torch.optim.LBFGS(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class Batches(L.Callback):
+    """Record the Poisson batches the training loop received (the start-of-fit check's own
+    calls to training_step are not part of training)."""
+
+    def __init__(self) -> None:
+        self.batches: list[Any] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.batches.append(batch)
+
+    @property
+    def examples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chunks = [c for b in self.batches for c in b.chunks]
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+    @property
+    def sizes(self) -> list[int]:
+        return [b.size for b in self.batches]
+
+
+def trainer(**kw: Any) -> L.Trainer:
+    """A quiet CPU Trainer."""
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    kw.setdefault("enable_progress_bar", False)
+    kw.setdefault("enable_model_summary", False)
+    kw.setdefault("num_sanity_val_steps", 0)
+    kw.setdefault("accelerator", "cpu")
+    return L.Trainer(**kw)
+
+
+def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Any) -> list[list[torch.Tensor]]:
+    """Brute force: one backward pass per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(len(x)):
+        loss = loss_fn(x[i : i + 1], y[i : i + 1]).sum()
+        out.append([g.detach() for g in torch.autograd.grad(loss, params)])
+    return out
+
+
+def clipped_sum(grads: list[list[torch.Tensor]], c: float, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    total = [torch.zeros_like(p) for p in like]
+    for g in grads:
+        norm = torch.sqrt(sum((t.double() ** 2).sum() for t in g)).item()
+        f = min(1.0, c / (norm + 1e-6))
+        total = [a + f * t for a, t in zip(total, g)]
+    return total
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    L.seed_everything(0, verbose=False)
+
+
+@pytest.fixture
+def dataset() -> TensorDataset:
+    return make_dataset()
+
+
+def snapshot(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
