@@ -118,6 +118,7 @@ class PrivacyBudget(Callback):
             strategy.history = self._ledger
         strategy.budget = self
         self._strategy = strategy
+        self._allowed_steps = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._strategy is not None:
@@ -125,6 +126,10 @@ class PrivacyBudget(Callback):
 
     # ------------------------------------------------------------------ planning
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._plan(trainer)
+
+    def _plan(self, trainer: pl.Trainer) -> None:
+        """Calibrate the noise if asked, and work out how many steps the budget allows."""
         strategy = self._strategy
         assert strategy is not None
         self.stopped_reason = None
@@ -169,11 +174,14 @@ class PrivacyBudget(Callback):
             self._stop(trainer)
 
     # ------------------------------------------------------------------ enforcing
-    def ensure_step_allowed(self) -> None:
+    def ensure_step_allowed(self, trainer: pl.Trainer) -> None:
         """Raise unless one more private step fits the budget. Called by the strategy before
         it touches a batch: a last line of defence behind the clean stop."""
         if self._allowed_steps is None:
-            raise PrivacyBudgetExhausted("PrivacyBudget has not planned this run (on_train_start did not run).")
+            # Loops that run without this callback's hooks (the learning-rate finder swaps the
+            # callbacks out) still take private steps: plan them here.
+            self._plan(trainer)
+            assert self._allowed_steps is not None
         if self._ledger.steps >= self._allowed_steps:
             raise PrivacyBudgetExhausted(
                 f"The privacy budget (epsilon={self.epsilon:g}, delta={self.delta:g}) allows {self._allowed_steps} "

@@ -330,7 +330,7 @@ class DPStrategy(SingleDeviceStrategy):
         if self._pending is not None:
             raise RuntimeError("A private gradient was computed but never released by an optimizer step.")
         if self.budget is not None:
-            self.budget.ensure_step_allowed()
+            self.budget.ensure_step_allowed(self.lightning_module.trainer)
         module = self.lightning_module
         assert module is not None
         params = _trainable(module)

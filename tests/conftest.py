@@ -117,6 +117,29 @@ def dataset() -> TensorDataset:
     return make_dataset()
 
 
+def pld_epsilon(segments: list[tuple[float, float, int]], delta: float) -> float:
+    """Google's dp_accounting PLD accountant: the independent oracle for our figures."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    for sigma, q, steps in segments:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return float(acc.get_epsilon(delta))
+
+
+class Data(L.LightningDataModule):
+    """Synthetic classification data as a DataModule (for LightningCLI)."""
+
+    def __init__(self, n: int = 64, batch_size: int = 8) -> None:
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(make_dataset(n=self.n), batch_size=self.batch_size)
+
+
 def snapshot(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
