@@ -141,3 +141,39 @@ def test_empty_batch_with_zero_noise_leaves_parameters_unchanged() -> None:
     with pytest.warns(UserWarning):
         t.fit(model, loader(ds, batch_size=1))
     assert seen_empty and all(seen_empty)
+
+
+class EpochLogger(Classifier):
+    records: list[tuple[float, int]] = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.records: list[tuple[float, int]] = []  # drop the start-of-fit check's calls
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        x, y = batch
+        loss = self.loss(x, y)
+        self.records.append((loss.item(), len(x)))
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+
+def test_epoch_metrics_logged_per_chunk_are_weighted_by_chunk_size() -> None:
+    model = EpochLogger(lr=0.1)
+    t = trainer(max_epochs=1, strategy=DPStrategy(noise_multiplier=1.0, max_physical_batch_size=3))
+    with pytest.warns(UserWarning):
+        t.fit(model, loader(make_dataset(n=64), batch_size=8))
+    total = sum(n for _, n in model.records)
+    expected = sum(v * n for v, n in model.records) / total
+    assert float(t.callback_metrics["train_loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_bf16_mixed_precision_trains_privately() -> None:
+    from lightning_dp import PrivacyBudget
+
+    budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
+    model = Classifier(lr=0.1)
+    t = trainer(max_epochs=2, precision="bf16-mixed", strategy=DPStrategy(max_physical_batch_size=4), callbacks=[budget])
+    t.fit(model, loader(make_dataset(n=64), batch_size=8))
+    assert t.global_step == budget.steps == 16
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())

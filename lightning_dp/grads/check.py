@@ -70,8 +70,9 @@ def check_per_sample_grads(
     names = param_names(module)
     n = len(indices)
     with deterministic_layers(module), torch.random.fork_rng(devices=_devices(params)):
+        loss = loss_of(batch_of(indices))  # the user's own errors surface as they are
         try:
-            per_sample = engine.per_sample_grads(loss_of(batch_of(indices)), params, n, loss_reduction)
+            per_sample = engine.per_sample_grads(loss, params, n, loss_reduction)
         except Exception as err:  # the engine crashing on this model is the check's finding
             raise PerSampleGradientMismatch(
                 f"The '{engine.name}' per-sample gradient engine cannot handle this model: it failed on "
