@@ -76,6 +76,7 @@ class PrivacyBudget(Callback):
         self._ledger = PrivacyHistory()
         self._strategy: Optional[DPStrategy] = None
         self._allowed_steps: Optional[int] = None
+        self._planned_for: Optional[tuple[float, float]] = None  # (noise_multiplier, sample_rate)
         self.stopped_reason: Optional[str] = None
 
     # ------------------------------------------------------------------ what was spent
@@ -165,6 +166,7 @@ class PrivacyBudget(Callback):
             self._ledger, sigma, q, self.epsilon, self.delta, self.accountant, limit=limit
         )
         self._allowed_steps = self._ledger.steps + extra
+        self._planned_for = (sigma, q)
         rank_zero_info(
             f"PrivacyBudget: epsilon={self.epsilon:g}, delta={self.delta:g} ({self.accountant}); noise multiplier "
             f"{sigma:.4g}, sample rate {q:.4g}; {self._ledger.steps} steps spent, the budget allows "
@@ -177,21 +179,28 @@ class PrivacyBudget(Callback):
     def ensure_step_allowed(self, trainer: pl.Trainer) -> None:
         """Raise unless one more private step fits the budget. Called by the strategy before
         it touches a batch: a last line of defence behind the clean stop."""
-        if self._allowed_steps is None:
+        strategy = self._strategy
+        assert strategy is not None
+        if self._allowed_steps is None or self._planned_for != (strategy.noise_multiplier, strategy.sample_rate):
             # Loops that run without this callback's hooks (the learning-rate finder swaps the
-            # callbacks out) still take private steps: plan them here.
+            # callbacks out) still take private steps, and a noise changed mid-run changes what
+            # the budget allows: plan again.
             self._plan(trainer)
             assert self._allowed_steps is not None
         if self._ledger.steps >= self._allowed_steps:
             raise PrivacyBudgetExhausted(
                 f"The privacy budget (epsilon={self.epsilon:g}, delta={self.delta:g}) allows {self._allowed_steps} "
-                f"steps, all taken; something kept the Trainer running after PrivacyBudget asked it to stop."
+                f"steps at noise multiplier {strategy.noise_multiplier:g}, all taken, yet the Trainer asked for "
+                "another: something undid PrivacyBudget's stop or lowered the noise after it planned."
             )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        assert self._allowed_steps is not None
+        strategy = self._strategy
+        assert self._allowed_steps is not None and strategy is not None
+        if self._planned_for != (strategy.noise_multiplier, strategy.sample_rate):
+            self._plan(trainer)  # the noise changed: what the budget allows changed with it
         if self._ledger.steps >= self._allowed_steps and not trainer.should_stop:
             self._stop(trainer)
         if trainer._logger_connector.should_update_logs:

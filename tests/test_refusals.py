@@ -314,3 +314,29 @@ class WithDropout(Classifier):
 
 def test_dropout_models_pass_the_check(dataset) -> None:
     assert fit(WithDropout(), loader(dataset)).global_step == 2
+
+
+class LowersNoise(L.Callback):
+    """User code that lowers the noise mid-run: the budget must replan, not keep the old count."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            trainer.strategy.noise_multiplier = 0.3
+
+
+def test_noise_lowered_mid_run_replans_and_stops_cleanly(dataset) -> None:
+    budget = PrivacyBudget(epsilon=5.0, delta=1e-5, accountant="rdp")
+    t = trainer(max_epochs=20, strategy=DPStrategy(noise_multiplier=2.0), callbacks=[LowersNoise(), budget])
+    t.fit(Classifier(), loader(dataset))
+    assert budget.history.segments == [(2.0, 0.125, 2)]  # one step at 0.3 would overspend
+    assert t.global_step == budget.steps == 2
+    assert budget.epsilon_spent <= 5.0
+
+
+def test_noise_lowered_after_the_budget_looked_is_refused_at_the_step(dataset) -> None:
+    budget = PrivacyBudget(epsilon=5.0, delta=1e-5, accountant="rdp")
+    t = trainer(max_epochs=20, strategy=DPStrategy(noise_multiplier=2.0), callbacks=[budget, LowersNoise()])
+    with pytest.raises(PrivacyBudgetExhausted, match="lowered the noise"):
+        t.fit(Classifier(), loader(dataset))
+    assert budget.history.segments == [(2.0, 0.125, 2)]
+    assert budget.epsilon_spent <= 5.0
