@@ -177,3 +177,20 @@ def test_bf16_mixed_precision_trains_privately() -> None:
     t.fit(model, loader(make_dataset(n=64), batch_size=8))
     assert t.global_step == budget.steps == 16
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+class AdamWithSchedule(Classifier):
+    def configure_optimizers(self):  # type: ignore[override]
+        opt = torch.optim.Adam(self.parameters(), lr=0.01)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+
+def test_any_optimizer_and_lr_scheduler_step_as_usual() -> None:
+    model = AdamWithSchedule()
+    t = trainer(max_epochs=3, strategy=DPStrategy(noise_multiplier=1.0))
+    with pytest.warns(UserWarning):
+        t.fit(model, loader(make_dataset(n=64), batch_size=8))
+    opt = t.optimizers[0]
+    assert isinstance(opt, torch.optim.Adam)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
+    assert all(opt.state[p]["step"] == 24 for p in model.parameters())
