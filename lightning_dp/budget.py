@@ -77,6 +77,7 @@ class PrivacyBudget(Callback):
         self._strategy: Optional[DPStrategy] = None
         self._allowed_steps: Optional[int] = None
         self._planned_for: Optional[tuple[float, float]] = None  # (noise_multiplier, sample_rate)
+        self._planned_end: float = math.inf  # the Trainer's last step
         self.stopped_reason: Optional[str] = None
 
     # ------------------------------------------------------------------ what was spent
@@ -167,6 +168,7 @@ class PrivacyBudget(Callback):
         )
         self._allowed_steps = self._ledger.steps + extra
         self._planned_for = (sigma, q)
+        self._planned_end = trainer.global_step + remaining
         rank_zero_info(
             f"PrivacyBudget: epsilon={self.epsilon:g}, delta={self.delta:g} ({self.accountant}); noise multiplier "
             f"{sigma:.4g}, sample rate {q:.4g}; {self._ledger.steps} steps spent, the budget allows "
@@ -229,9 +231,10 @@ class PrivacyBudget(Callback):
             after = f"one more step would spend {nxt:.4g}"
         else:
             after = "no noise level allows another step"
+        what = "the planned run ends" if trainer.global_step >= self._planned_end else "stopping"
         self.stopped_reason = (
-            f"PrivacyBudget: stopping after {self._ledger.steps} private steps: epsilon={spent:.4g} of the budget "
-            f"{self.epsilon:g} (delta={self.delta:g}, {self.accountant}); {after}."
+            f"PrivacyBudget: {what} after {self._ledger.steps} private steps, the most the budget allows: "
+            f"epsilon={spent:.4g} of {self.epsilon:g} (delta={self.delta:g}, {self.accountant}); {after}."
         )
         rank_zero_info(self.stopped_reason)
         trainer.should_stop = True

@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_dp.accounting import PrivacyHistory
 from lightning_dp.grads import check_per_sample_grads, make_engine
@@ -39,8 +40,6 @@ from lightning_dp.modules import UnsupportedModuleError, replace_batch_norm, uns
 from lightning_dp.sampling import PoissonBatch, collate_examples, is_poisson_dataloader, poisson_dataloader
 
 if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
-
     from lightning_dp.budget import PrivacyBudget
 
 __all__ = ["DPStrategy"]
@@ -231,8 +230,6 @@ class DPStrategy(SingleDeviceStrategy):
         if is_poisson_dataloader(dataloader):
             self.train_dataloader = dataloader  # type: ignore[assignment]
             return dataloader
-        from torch.utils.data import DataLoader
-
         if not isinstance(dataloader, DataLoader):
             raise TypeError(
                 f"DP training needs a torch DataLoader to Poisson-sample, got {type(dataloader).__name__}."

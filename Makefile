@@ -1,0 +1,28 @@
+# Two commands for a fresh machine (see README):
+#   make demo   create .venv, install, run the quickstart example end to end
+#   make test   create .venv, install, run the test suite (what .ci/run runs)
+# torch is pinned through constraints.txt: an unpinned torch pulls GBs of CUDA packages on a CPU box.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,examples]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python examples/quickstart_digits.py
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache
