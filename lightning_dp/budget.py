@@ -54,13 +54,13 @@ class PrivacyBudget(Callback):
 
     Example::
 
-        import lightning as L
-        from lightning_dp import DPStrategy, PrivacyBudget
-
-        budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
-        trainer = L.Trainer(max_epochs=10, strategy=DPStrategy(max_grad_norm=1.0), callbacks=[budget])
-        trainer.fit(model, datamodule=dm)
-        print(budget.epsilon_spent, budget.steps)
+        >>> import lightning as L
+        >>> from lightning_dp import DPStrategy, PrivacyBudget
+        >>> budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
+        >>> trainer = L.Trainer(max_epochs=10, strategy=DPStrategy(max_grad_norm=1.0), callbacks=[budget],
+        ...                     logger=False)
+        >>> budget.steps, budget.epsilon_spent  # after trainer.fit(model, datamodule=dm): what was spent
+        (0, 0.0)
     """
 
     def __init__(self, epsilon: float, delta: float, accountant: AccountantName = "prv") -> None:

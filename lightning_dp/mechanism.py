@@ -29,7 +29,8 @@ class GaussianMechanism:
     Example:
         >>> w = nn.Parameter(torch.zeros(2))
         >>> mech = GaussianMechanism([w], max_grad_norm=1.0)
-        >>> mech.add([torch.tensor([[3.0, 4.0], [0.3, 0.4]])])
+        >>> mech.add([torch.tensor([[3.0, 4.0], [0.3, 0.4]])])  # per-example norms, before clipping
+        tensor([5.0000, 0.5000])
         >>> mech.release(noise_multiplier=0.0, expected_batch_size=2.0)
         >>> w.grad
         tensor([0.4500, 0.6000])

@@ -86,17 +86,18 @@ class DPStrategy(SingleDeviceStrategy):
 
     Example::
 
-        import lightning as L
-        from lightning_dp import DPStrategy, PrivacyBudget
+        >>> import lightning as L
+        >>> from lightning_dp import DPStrategy, PrivacyBudget
+        >>> trainer = L.Trainer(
+        ...     max_epochs=10,
+        ...     strategy=DPStrategy(max_grad_norm=1.0),
+        ...     callbacks=[PrivacyBudget(epsilon=3.0, delta=1e-5)],
+        ...     logger=False,
+        ... )
+        >>> type(L.Trainer(strategy="dp", logger=False).strategy).__name__  # by name, once imported
+        'DPStrategy'
 
-        trainer = L.Trainer(
-            max_epochs=10,
-            strategy=DPStrategy(max_grad_norm=1.0),
-            callbacks=[PrivacyBudget(epsilon=3.0, delta=1e-5)],
-        )
-        trainer.fit(model, datamodule=dm)
-
-    Also available as ``Trainer(strategy="dp")`` once ``lightning_dp`` is imported.
+    Then ``trainer.fit(model, datamodule=dm)`` with an unchanged LightningModule.
     """
 
     strategy_name = "dp"
