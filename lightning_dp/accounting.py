@@ -107,12 +107,12 @@ def _epsilon(segments: tuple[Segment, ...], delta: float, accountant: str) -> fl
             "The 'gdp' accountant cannot compose steps with different noise multipliers or sample "
             "rates (this run's history has several). Use accountant='prv' or 'rdp'."
         )
-    acc = ACCOUNTANTS[accountant]()
-    acc.history = [tuple(s) for s in segments]
     with warnings.catch_warnings():
         # Opacus warns about RDP orders and numpy overflows on the far-off noise levels that
-        # calibration probes; the bound it returns stays valid.
+        # calibration probes (the bound stays valid), and that GDP is experimental (documented).
         warnings.simplefilter("ignore")
+        acc = ACCOUNTANTS[accountant]()
+        acc.history = [tuple(s) for s in segments]
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -160,6 +160,8 @@ def max_steps(
     lo, hi = 0, 1
     while hi < cap and fits(hi):  # exponential search so small budgets stay cheap
         lo, hi = hi, min(2 * hi, cap)
+    if fits(hi):
+        return hi  # the cap itself fits
     while hi - lo > 1:  # invariant: fits(lo) and not fits(hi)
         mid = (lo + hi) // 2
         if fits(mid):
@@ -206,11 +208,7 @@ def calibrate_noise(
         hi *= 2
         if hi > 1e6:
             raise ValueError("No noise multiplier below 1e6 meets the target; the budget is too small.")
-    lo = hi / 2 if hi > 1.0 else 0.0
-    while lo > 0 and _safe(eps_at, lo) <= epsilon:  # the answer may lie below 0.5
-        hi, lo = lo, lo / 2
-        if lo < 1e-3:
-            lo = 0.0
+    lo = hi / 2 if hi > 1.0 else 0.0  # eps(lo) > target, or lo = 0 (infinite epsilon)
     # Bisect until the epsilon at ``hi`` uses the budget to within rel_tol.
     while epsilon - eps_at(hi) > rel_tol * epsilon and hi - lo > 1e-6:
         mid = (lo + hi) / 2
