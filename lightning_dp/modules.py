@@ -40,8 +40,8 @@ def replace_batch_norm(module: nn.Module) -> list[str]:
 
 
 def unsupported_layers(module: nn.Module) -> list[str]:
-    """Describe each layer of ``module`` that DP-SGD with the hooks engine cannot train,
-    with what to change. Empty when the module is fine."""
+    """Describe each layer of ``module`` that DP-SGD cannot train with any engine (layers
+    that mix examples or keep statistics of the data), with what to change."""
     problems = []
     for name, m in module.named_modules():
         label = f"{name or '<root>'} ({type(m).__name__})"
@@ -56,16 +56,5 @@ def unsupported_layers(module: nn.Module) -> list[str]:
             problems.append(
                 f"{label}: track_running_stats=True stores running statistics of the private data "
                 "outside the DP mechanism. Set track_running_stats=False."
-            )
-        elif type(m) in (nn.LSTM, nn.GRU, nn.RNN) and any(p.requires_grad for p in m.parameters()):
-            problems.append(
-                f"{label}: Opacus's hooks cannot compute per-sample gradients through cuDNN-style "
-                f"recurrent layers. Use the drop-in opacus.layers.DP{type(m).__name__}."
-            )
-        elif type(m) is nn.MultiheadAttention and any(p.requires_grad for p in m.parameters()):
-            problems.append(
-                f"{label}: Opacus's hooks cannot compute per-sample gradients through "
-                "nn.MultiheadAttention's fused kernels. Use the drop-in "
-                "opacus.layers.DPMultiheadAttention."
             )
     return problems

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_dp.accounting import PrivacyHistory
-from lightning_dp.grads import check_per_sample_grads, make_engine
-from lightning_dp.grads.engine import LossReduction
+from lightning_dp.grads import PerSampleGradientMismatch, check_per_sample_grads, make_engine
+from lightning_dp.grads.engine import ENGINES, LossReduction, PerSampleGradEngine, silenced_logging
 from lightning_dp.mechanism import GaussianMechanism
 from lightning_dp.modules import UnsupportedModuleError, replace_batch_norm, unsupported_layers
 from lightning_dp.sampling import PoissonBatch, collate_examples, is_poisson_dataloader, poisson_dataloader
@@ -76,7 +76,11 @@ class DPStrategy(SingleDeviceStrategy):
             timing side channels.
         loss_reduction: how ``training_step``'s loss reduces over the batch: ``"mean"``
             (default) or ``"sum"``. The start-of-fit check tells you if it is the other.
-        engine: the per-sample gradient engine: ``"hooks"`` (Opacus's layer hooks).
+        engine: the per-sample gradient engine: ``"auto"`` (default) takes the first of
+            ``"hooks"`` (Opacus's per-layer hooks, fast) and ``"functorch"`` (``vmap(grad(...))``
+            over the whole ``training_step``: exact for causal attention, recurrent layers,
+            position embeddings, tied weights) that passes the start-of-fit check, and logs
+            its choice; naming one forces it.
         check_per_sample_grads: before the first step, compare the engine's per-sample
             gradients with one-example backward passes on a few training examples, and refuse
             to train on mismatch. Turn off only after verifying the gradients yourself.
@@ -109,7 +113,7 @@ class DPStrategy(SingleDeviceStrategy):
         max_physical_batch_size: Optional[int] = None,
         secure_mode: bool = False,
         loss_reduction: LossReduction = "mean",
-        engine: Literal["hooks"] = "hooks",
+        engine: Literal["auto", "hooks", "functorch"] = "auto",
         check_per_sample_grads: bool = True,
         replace_batch_norm: bool = False,
         device: Optional[Union[str, torch.device]] = None,
@@ -125,6 +129,8 @@ class DPStrategy(SingleDeviceStrategy):
             isinstance(max_physical_batch_size, int) and max_physical_batch_size > 0
         ):
             raise ValueError(f"max_physical_batch_size must be a positive int or None, got {max_physical_batch_size!r}")
+        if engine != "auto" and engine not in ENGINES:
+            raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         super().__init__(
@@ -144,7 +150,9 @@ class DPStrategy(SingleDeviceStrategy):
         self.loss_reduction: LossReduction = loss_reduction
         self.check_per_sample_grads = check_per_sample_grads
         self.replace_batch_norm = replace_batch_norm
-        self.engine = make_engine(engine)
+        self.engine_name = engine
+        #: The engine computing per-sample gradients, chosen at fit start.
+        self.engine: Optional[PerSampleGradEngine] = None
         #: The ledger of every noisy step this strategy took (shared with PrivacyBudget).
         self.history = PrivacyHistory()
         self.budget: Optional[PrivacyBudget] = None
@@ -178,14 +186,14 @@ class DPStrategy(SingleDeviceStrategy):
             assert module is not None
             self._replace_batch_norm(module)  # layers built in configure_model
             problems = unsupported_layers(module)
+            if self.engine_name != "auto":
+                problems += make_engine(self.engine_name).unsupported(module)
             if problems:
                 raise UnsupportedModuleError(
                     "DPStrategy cannot train this model as it is:\n  - " + "\n  - ".join(problems)
                 )
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
-            assert self.lightning_module is not None
-            self.engine.attach(self.lightning_module)
             self._dp_fitting = True
             warnings.filterwarnings("ignore", message=_EMPTY_STEP_WARNING)
 
@@ -272,36 +280,66 @@ class DPStrategy(SingleDeviceStrategy):
                 "DPStrategy is training without a PrivacyBudget callback: the mechanism runs, but nothing "
                 "tracks, logs or limits the privacy spent."
             )
-        if self.check_per_sample_grads:
-            self._check_per_sample_grads()
-        else:
+        if not self.check_per_sample_grads:
             rank_zero_warn(
                 "DPStrategy(check_per_sample_grads=False): per-sample gradients are not verified for this "
                 "model; if they are wrong, the privacy guarantee does not hold."
             )
+        self._choose_engine()
 
-    def _check_per_sample_grads(self) -> None:
+    def _choose_engine(self) -> None:
+        """Attach the engine to train with: the one named, or with ``"auto"`` the first whose
+        per-sample gradients pass the check on this model."""
+        module = self.lightning_module
+        assert module is not None
+        if self.engine is not None:
+            self.engine.detach()
+        self.engine = None
+        rejected: dict[str, str] = {}
+        for name in ENGINES if self.engine_name == "auto" else (self.engine_name,):
+            engine = make_engine(name)
+            problems = engine.unsupported(module)
+            if problems:
+                rejected[name] = "; ".join(problems)
+                continue
+            engine.attach(module)
+            try:
+                verified = self._check(engine) if self.check_per_sample_grads else "not verified"
+            except PerSampleGradientMismatch as err:
+                engine.detach()
+                if self.engine_name != "auto":
+                    raise
+                rejected[name] = str(err)
+                continue
+            self.engine = engine
+            passed_over = "".join(f"\n  - '{n}' passed over: {why}" for n, why in rejected.items())
+            rank_zero_info(f"DPStrategy: per-sample gradients by the '{name}' engine ({verified}).{passed_over}")
+            return
+        raise PerSampleGradientMismatch(
+            "No per-sample gradient engine computes exact per-example gradients for this model:\n"
+            + "\n".join(f"  - '{n}': {why}" for n, why in rejected.items())
+        )
+
+    def _check(self, engine: PerSampleGradEngine) -> str:
         module = self.lightning_module
         loader = self.train_dataloader
         assert module is not None
         if loader is None:
-            return  # no training data: nothing will be trained
+            return "no training data to verify on"
         n = min(_CHECK_EXAMPLES, len(loader.dataset), self.max_physical_batch_size or _CHECK_EXAMPLES)  # type: ignore[arg-type]
-        params = _trainable(module)
 
         def batch_of(indices: Any) -> Any:
             return super(DPStrategy, self).batch_to_device(collate_examples(loader, indices))
 
         start = time.perf_counter()
-        with _train_mode(module), _silenced_logging(module):
+        with _train_mode(module), silenced_logging(module):
             worst = check_per_sample_grads(
-                self.engine, module, params, batch_of, lambda b: self._run_training_step(b, 0)[1], list(range(n)),
-                self.loss_reduction,
+                engine, module, _trainable(module), batch_of, lambda b: self._run_training_step(b, 0),
+                list(range(n)), self.loss_reduction,
             )
-        rank_zero_info(
-            f"DPStrategy: per-sample gradients of the '{self.engine.name}' engine match one-example backward "
-            f"passes on {n} training examples (largest relative error {worst:.1e}; checked in "
-            f"{time.perf_counter() - start:.2f} s)."
+        return (
+            f"verified against one-example backward passes on {n} training examples: largest relative error "
+            f"{worst:.1e}, in {time.perf_counter() - start:.2f} s"
         )
 
     def _run_training_step(self, batch: Any, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
@@ -333,16 +371,18 @@ class DPStrategy(SingleDeviceStrategy):
         if self.budget is not None:
             self.budget.ensure_step_allowed(self.lightning_module.trainer)
         module = self.lightning_module
-        assert module is not None
+        assert module is not None and self.engine is not None
         params = _trainable(module)
         mechanism = GaussianMechanism(params, self.max_grad_norm, self.secure_mode)
         output: Any = None
         loss_sum: Optional[Tensor] = None
         for chunk, size in zip(batch.chunks, batch.sizes):
             _point_logging_at(module, chunk)
-            output, loss = self._run_training_step(chunk, *rest, **kwargs)
-            mechanism.add(self.engine.per_sample_grads(loss, params, size, self.loss_reduction))
-            loss_sum = loss.detach() * size if loss_sum is None else loss_sum + loss.detach() * size
+            output, loss, grads = self.engine.compute(
+                lambda b: self._run_training_step(b, *rest, **kwargs), chunk, params, size, self.loss_reduction
+            )
+            mechanism.add(grads)
+            loss_sum = loss * size if loss_sum is None else loss_sum + loss * size
         self._mechanism = mechanism
         self._pending = batch
         if loss_sum is None:
@@ -396,7 +436,8 @@ class DPStrategy(SingleDeviceStrategy):
     # ------------------------------------------------------------------ teardown
     def teardown(self) -> None:
         if self._dp_fitting:
-            self.engine.detach()
+            if self.engine is not None:
+                self.engine.detach()
             self._dp_fitting = False
             self._pending = self._mechanism = None
             _remove_warning_filter(_EMPTY_STEP_WARNING)
@@ -434,18 +475,6 @@ def _train_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
-
-
-@contextmanager
-def _silenced_logging(module: pl.LightningModule) -> Iterator[None]:
-    """The check runs training_step outside the loop, where self.log would raise or pollute metrics."""
-    module.log = lambda *a, **k: None  # type: ignore[method-assign]
-    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del module.log
-        del module.log_dict
 
 
 def _remove_warning_filter(pattern: str) -> None:

@@ -34,6 +34,7 @@ def fit(model: L.LightningModule, dl: Any, **strategy_kw: Any) -> L.Trainer:
         ({"max_physical_batch_size": 0}, "max_physical_batch_size"),
         ({"loss_reduction": "median"}, "loss_reduction"),
         ({"engine": "magic"}, "engine"),
+        ({"engine": "ghost"}, "engine"),
     ],
 )
 def test_strategy_arguments_are_validated(kw: dict, match: str) -> None:
@@ -227,10 +228,10 @@ class WithLSTM(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_unsupported_layer_is_refused_before_any_step(dataset) -> None:
+def test_layer_the_named_engine_cannot_handle_is_refused_before_any_step(dataset) -> None:
     model = WithLSTM()
-    with pytest.raises(UnsupportedModuleError, match=r"rnn \(LSTM\).*DPLSTM"):
-        fit(model, loader(dataset))
+    with pytest.raises(UnsupportedModuleError, match=r"rnn \(LSTM\).*engine='functorch'.*DPLSTM"):
+        fit(model, loader(dataset), engine="hooks")
     assert model.calls == 0
 
 
@@ -262,7 +263,7 @@ def test_opacus_position_embedding_bug_is_caught(seq_len: int) -> None:
     dl = DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8, shuffle=True)
     model = TinyGPT(t=seq_len)
     with pytest.raises(PerSampleGradientMismatch, match="pos_emb"):
-        fit(model, dl)
+        fit(model, dl, engine="hooks")
 
 
 class SummedLoss(Classifier):
@@ -273,7 +274,7 @@ class SummedLoss(Classifier):
 
 def test_summed_loss_read_as_mean_is_caught_with_the_fix(dataset) -> None:
     with pytest.raises(PerSampleGradientMismatch, match="loss_reduction='sum'"):
-        fit(SummedLoss(), loader(dataset))
+        fit(SummedLoss(), loader(dataset), engine="hooks")
 
 
 def test_summed_loss_trains_with_loss_reduction_sum(dataset) -> None:
@@ -294,7 +295,7 @@ class RawParameter(Classifier):
 
 def test_parameter_outside_a_layer_is_caught(dataset) -> None:
     with pytest.raises(PerSampleGradientMismatch, match="scale"):
-        fit(RawParameter(), loader(dataset))
+        fit(RawParameter(), loader(dataset), engine="hooks")
 
 
 def test_parameter_outside_a_layer_fails_at_the_first_step_when_the_check_is_off(dataset) -> None:
@@ -303,7 +304,7 @@ def test_parameter_outside_a_layer_fails_at_the_first_step_when_the_check_is_off
     with pytest.warns(UserWarning, match="check_per_sample_grads=False"), pytest.raises(
         PerSampleGradientError, match="scale"
     ):
-        fit(RawParameter(), loader(dataset), check_per_sample_grads=False)
+        fit(RawParameter(), loader(dataset), engine="hooks", check_per_sample_grads=False)
 
 
 class WithDropout(Classifier):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, param_names
+from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, StepFn, param_names
 
 # float32 per-sample gradients from einsum-based samplers differ from autograd at ~1e-6.
 RTOL = 1e-3
@@ -46,7 +46,7 @@ def check_per_sample_grads(
     module: nn.Module,
     params: Sequence[nn.Parameter],
     batch_of: Callable[[Sequence[int]], object],
-    loss_of: Callable[[object], Tensor],
+    step: StepFn,
     indices: Sequence[int],
     loss_reduction: LossReduction,
 ) -> float:
@@ -57,7 +57,7 @@ def check_per_sample_grads(
         module: the model (named in errors).
         params: the trainable parameters.
         batch_of: builds a device batch from dataset indices.
-        loss_of: runs the user's training step on a batch and returns the loss.
+        step: runs the user's training step on a batch and returns ``(output, loss)``.
         indices: the examples to check on.
         loss_reduction: how the loss reduces over the batch ("mean" or "sum").
 
@@ -70,9 +70,9 @@ def check_per_sample_grads(
     names = param_names(module)
     n = len(indices)
     with deterministic_layers(module), torch.random.fork_rng(devices=_devices(params)):
-        loss = loss_of(batch_of(indices))  # the user's own errors surface as they are
+        batch = batch_of(indices)
         try:
-            per_sample = engine.per_sample_grads(loss, params, n, loss_reduction)
+            _, _, per_sample = engine.compute(step, batch, params, n, loss_reduction)
         except Exception as err:  # the engine crashing on this model is the check's finding
             raise PerSampleGradientMismatch(
                 f"The '{engine.name}' per-sample gradient engine cannot handle this model: it failed on "
@@ -81,7 +81,7 @@ def check_per_sample_grads(
         reference: list[list[Optional[Tensor]]] = []
         with engine.disabled():
             for i in indices:
-                loss = loss_of(batch_of([i]))
+                _, loss = step(batch_of([i]))
                 grads = torch.autograd.grad(loss, list(params), allow_unused=True)
                 reference.append([None if g is None else g.detach() for g in grads])
 

@@ -5,23 +5,29 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
-import torch
 from torch import Tensor, nn
 
 LossReduction = Literal["mean", "sum"]
+
+#: Runs the user's training step on a batch and returns ``(output, loss)``.
+StepFn = Callable[[Any], tuple[Any, Tensor]]
 
 
 class PerSampleGradEngine(ABC):
     """Computes one gradient per example for a chunk of examples.
 
-    Life cycle: :meth:`attach` once per ``fit``, then for each physical chunk the strategy
-    runs the user's ``training_step`` (the forward) and passes the loss to
-    :meth:`per_sample_grads`; :meth:`detach` at teardown.
+    Life cycle: :meth:`attach` once per ``fit``; then, for each physical chunk, the strategy
+    hands :meth:`compute` a function that runs the user's ``training_step``; :meth:`detach`
+    at teardown.
     """
 
     name: ClassVar[str]
+
+    def unsupported(self, module: nn.Module) -> list[str]:
+        """Layers of ``module`` this engine cannot handle, each with what to change."""
+        return []
 
     @abstractmethod
     def attach(self, module: nn.Module) -> None:
@@ -32,12 +38,18 @@ class PerSampleGradEngine(ABC):
         """Undo :meth:`attach`; safe to call when not attached."""
 
     @abstractmethod
-    def per_sample_grads(
-        self, loss: Tensor, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
-    ) -> list[Optional[Tensor]]:
-        """Backpropagate ``loss`` (computed on ``batch_size`` examples) and return, for each of
-        ``params``, a tensor of shape ``(batch_size, *param.shape)`` with each example's
-        gradient of its own loss, or ``None`` where the parameter got no gradient.
+    def compute(
+        self,
+        step: StepFn,
+        batch: Any,
+        params: Sequence[nn.Parameter],
+        batch_size: int,
+        loss_reduction: LossReduction,
+    ) -> tuple[Any, Tensor, list[Optional[Tensor]]]:
+        """Run ``step`` on ``batch`` (``batch_size`` examples) and return the step's output,
+        its loss (detached), and for each of ``params`` a tensor of shape
+        ``(batch_size, *param.shape)`` holding each example's gradient of its own loss, or
+        ``None`` where the parameter got no gradient.
 
         Must leave ``param.grad`` empty: the summed, unclipped gradient is not private.
         """
@@ -48,20 +60,35 @@ class PerSampleGradEngine(ABC):
         yield
 
 
+ENGINES = ("hooks", "functorch")
+
+
 def make_engine(name: str) -> PerSampleGradEngine:
-    """Build the engine called ``name``."""
+    """Build the engine called ``name`` (one of :data:`ENGINES`)."""
+    from lightning_dp.grads.functorch import FunctorchEngine
     from lightning_dp.grads.hooks import OpacusHooksEngine
 
-    engines: dict[str, type[PerSampleGradEngine]] = {OpacusHooksEngine.name: OpacusHooksEngine}
+    engines: dict[str, type[PerSampleGradEngine]] = {e.name: e for e in (OpacusHooksEngine, FunctorchEngine)}
     if name not in engines:
-        raise ValueError(f"Unknown per-sample gradient engine {name!r}; available: {sorted(engines)}")
+        raise ValueError(f"Unknown per-sample gradient engine {name!r}; choose 'auto' or one of {sorted(engines)}")
     return engines[name]()
 
 
-def clear_grads(params: Sequence[nn.Parameter]) -> None:
-    for p in params:
-        p.grad = None
-
-
-def param_names(module: nn.Module) -> dict[torch.nn.Parameter, str]:
+def param_names(module: nn.Module) -> dict[nn.Parameter, str]:
     return {p: n for n, p in module.named_parameters()}
+
+
+@contextmanager
+def silenced_logging(module: nn.Module) -> Iterator[None]:
+    """Turn a LightningModule's ``self.log``/``self.log_dict`` into no-ops: for passes of
+    ``training_step`` that are not the step itself (the check, the per-example vmap)."""
+    if not hasattr(module, "log") or "log" in vars(module):  # not a LightningModule, or already silenced
+        yield
+        return
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log
+        del module.log_dict

@@ -13,12 +13,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Optional
+from typing import Any, Optional
 
 from opacus.grad_sample import GradSampleHooks
 from torch import Tensor, nn
 
-from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, param_names
+from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, StepFn, param_names
 
 # Opacus registers full backward hooks on every layer; torch warns when the first layer's input
 # needs no gradient, which is the normal case for data and says nothing about correctness.
@@ -60,10 +60,35 @@ class OpacusHooksEngine(PerSampleGradEngine):
         finally:
             self._hooks.enable_hooks()
 
-    def per_sample_grads(
+    def unsupported(self, module: nn.Module) -> list[str]:
+        problems = []
+        for name, m in module.named_modules():
+            if not any(p.requires_grad for p in m.parameters()):
+                continue
+            label = f"{name or '<root>'} ({type(m).__name__})"
+            if type(m) in (nn.LSTM, nn.GRU, nn.RNN):
+                problems.append(
+                    f"{label}: Opacus's hooks cannot compute per-sample gradients through fused recurrent "
+                    f"layers; use engine='functorch' (or 'auto'), or the drop-in opacus.layers.DP{type(m).__name__}."
+                )
+            elif type(m) is nn.MultiheadAttention:
+                problems.append(
+                    f"{label}: Opacus's hooks cannot compute per-sample gradients through "
+                    "nn.MultiheadAttention's fused kernels; use engine='functorch' (or 'auto'), or the "
+                    "drop-in opacus.layers.DPMultiheadAttention."
+                )
+        return problems
+
+    def compute(
+        self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
+    ) -> tuple[Any, Tensor, list[Optional[Tensor]]]:
+        assert self._hooks is not None, "engine used before attach()"
+        output, loss = step(batch)
+        return output, loss.detach(), self._backward(loss, params, batch_size, loss_reduction)
+
+    def _backward(
         self, loss: Tensor, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
     ) -> list[Optional[Tensor]]:
-        assert self._hooks is not None, "engine used before attach()"
         loss.backward()
         out: list[Optional[Tensor]] = []
         try:

@@ -1,0 +1,87 @@
+"""Per-sample gradients of the whole ``training_step`` with ``torch.func``.
+
+Each example is run through the user's own ``training_step`` as a batch of one, with the
+parameters swapped in functionally, under ``vmap(grad(...))``. Nothing about the model's
+layers is guessed, so this is exact where Opacus's per-layer hooks are not: causal attention
+(``nn.MultiheadAttention``, ``nn.TransformerEncoder``), position embeddings looked up with
+``torch.arange(T)``, recurrent layers, tied weights, token-level losses. The cost: the user's
+step also runs once on the real batch without gradients, so ``self.log`` and the returned
+output come from the real batch, as in a plain step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, StepFn, param_names, silenced_logging
+
+
+class _Step(nn.Module):
+    """Makes ``step`` callable through ``functional_call`` with the module's parameters swapped.
+
+    Transient: built per call and never stored on the LightningModule (a module holding its
+    own wrapper would recurse)."""
+
+    def __init__(self, module: nn.Module, step: StepFn) -> None:
+        super().__init__()
+        self.m = module
+        self.step = step
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.step(batch)[1]
+
+
+class FunctorchEngine(PerSampleGradEngine):
+    """``vmap(grad(training_step))`` over the examples of a chunk."""
+
+    name = "functorch"
+
+    def __init__(self) -> None:
+        self._module: Optional[nn.Module] = None
+
+    def attach(self, module: nn.Module) -> None:
+        self._module = module
+
+    def detach(self) -> None:
+        self._module = None
+
+    def compute(
+        self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
+    ) -> tuple[Any, Tensor, list[Optional[Tensor]]]:
+        module = self._module
+        assert module is not None, "engine used before attach()"
+        with torch.no_grad():  # the real step: its logs and outputs, as without DP
+            output, loss = step(batch)
+        leaves, spec = tree_flatten(batch)
+        for leaf in leaves:
+            if not (isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch_size):
+                raise ValueError(
+                    "The 'functorch' engine splits a batch into examples along the first dimension of every "
+                    f"tensor in it, but this batch holds {type(leaf).__name__}"
+                    f"{tuple(leaf.shape) if isinstance(leaf, Tensor) else ''} for {batch_size} examples. Put "
+                    "only per-example tensors (batch dimension first) in training batches, or use engine='hooks'."
+                )
+        names = param_names(module)
+        keys = ["m." + names[p] for p in params]
+        wrapper = _Step(module, step)
+
+        def example_loss(values: tuple[Tensor, ...], *example: Tensor) -> Tensor:
+            one = tree_unflatten([t.unsqueeze(0) for t in example], spec)
+            return functional_call(wrapper, dict(zip(keys, values)), (one,))
+
+        values = tuple(p.detach() for p in params)
+        with silenced_logging(module):
+            grads = vmap(grad(example_loss), in_dims=(None, *[0] * len(leaves)), randomness="different")(
+                values, *leaves
+            )
+        for p in params:
+            p.grad = None
+        # Each example ran as a batch of one: its gradient is that of its own loss whatever
+        # the reduction, so no rescaling.
+        return output, loss.detach(), [g.detach() for g in grads]
