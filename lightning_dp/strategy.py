@@ -79,8 +79,9 @@ class DPStrategy(SingleDeviceStrategy):
         engine: the per-sample gradient engine: ``"auto"`` (default) takes the first of
             ``"hooks"`` (Opacus's per-layer hooks, fast) and ``"functorch"`` (``vmap(grad(...))``
             over the whole ``training_step``: exact for causal attention, recurrent layers,
-            position embeddings, tied weights) that passes the start-of-fit check, and logs
-            its choice; naming one forces it.
+            position embeddings, tied weights) and ``"loop"`` (a backward pass per example:
+            exact for anything, slowest) that passes the start-of-fit check, and logs its
+            choice; naming one forces it.
         check_per_sample_grads: before the first step, compare the engine's per-sample
             gradients with one-example backward passes on a few training examples, and refuse
             to train on mismatch. Turn off only after verifying the gradients yourself.
@@ -113,7 +114,7 @@ class DPStrategy(SingleDeviceStrategy):
         max_physical_batch_size: Optional[int] = None,
         secure_mode: bool = False,
         loss_reduction: LossReduction = "mean",
-        engine: Literal["auto", "hooks", "functorch"] = "auto",
+        engine: Literal["auto", "hooks", "functorch", "loop"] = "auto",
         check_per_sample_grads: bool = True,
         replace_batch_norm: bool = False,
         device: Optional[Union[str, torch.device]] = None,

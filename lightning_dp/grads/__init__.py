@@ -1,10 +1,14 @@
 """Per-sample gradients: the engines that compute them and the check that they are right."""
 
 from lightning_dp.grads.check import PerSampleGradientMismatch, check_per_sample_grads
-from lightning_dp.grads.engine import PerSampleGradEngine, make_engine
+from lightning_dp.grads.engine import ENGINES, PerSampleGradEngine, make_engine
+from lightning_dp.grads.functorch import FunctorchEngine, LoopEngine
 from lightning_dp.grads.hooks import OpacusHooksEngine
 
 __all__ = [
+    "ENGINES",
+    "FunctorchEngine",
+    "LoopEngine",
     "OpacusHooksEngine",
     "PerSampleGradEngine",
     "PerSampleGradientMismatch",

@@ -22,6 +22,20 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, StepFn, param_names, silenced_logging
 
 
+def _split_examples(batch: Any, batch_size: int, engine: str) -> tuple[list[Tensor], Any]:
+    """The batch's tensors, checked to be split into examples along their first dimension."""
+    leaves, spec = tree_flatten(batch)
+    for leaf in leaves:
+        if not (isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch_size):
+            raise ValueError(
+                f"The '{engine}' engine splits a batch into examples along the first dimension of every "
+                f"tensor in it, but this batch holds {type(leaf).__name__}"
+                f"{tuple(leaf.shape) if isinstance(leaf, Tensor) else ''} for {batch_size} examples. Put "
+                "only per-example tensors (batch dimension first) in training batches, or use engine='hooks'."
+            )
+    return leaves, spec
+
+
 class _Step(nn.Module):
     """Makes ``step`` callable through ``functional_call`` with the module's parameters swapped.
 
@@ -58,15 +72,7 @@ class FunctorchEngine(PerSampleGradEngine):
         assert module is not None, "engine used before attach()"
         with torch.no_grad():  # the real step: its logs and outputs, as without DP
             output, loss = step(batch)
-        leaves, spec = tree_flatten(batch)
-        for leaf in leaves:
-            if not (isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch_size):
-                raise ValueError(
-                    "The 'functorch' engine splits a batch into examples along the first dimension of every "
-                    f"tensor in it, but this batch holds {type(leaf).__name__}"
-                    f"{tuple(leaf.shape) if isinstance(leaf, Tensor) else ''} for {batch_size} examples. Put "
-                    "only per-example tensors (batch dimension first) in training batches, or use engine='hooks'."
-                )
+        leaves, spec = _split_examples(batch, batch_size, self.name)
         names = param_names(module)
         keys = ["m." + names[p] for p in params]
         wrapper = _Step(module, step)
@@ -85,3 +91,43 @@ class FunctorchEngine(PerSampleGradEngine):
         # Each example ran as a batch of one: its gradient is that of its own loss whatever
         # the reduction, so no rescaling.
         return output, loss.detach(), [g.detach() for g in grads]
+
+
+class LoopEngine(PerSampleGradEngine):
+    """One backward pass per example, each on a batch of one: exact for any model that can
+    run on a single example, and the slowest engine. The last resort of ``engine="auto"``
+    (e.g. ``nn.GRU``, whose batching rule ``vmap`` lacks)."""
+
+    name = "loop"
+
+    def __init__(self) -> None:
+        self._module: Optional[nn.Module] = None
+
+    def attach(self, module: nn.Module) -> None:
+        self._module = module
+
+    def detach(self) -> None:
+        self._module = None
+
+    def compute(
+        self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
+    ) -> tuple[Any, Tensor, list[Optional[Tensor]]]:
+        module = self._module
+        assert module is not None, "engine used before attach()"
+        with torch.no_grad():  # the real step: its logs and outputs, as without DP
+            output, loss = step(batch)
+        leaves, spec = _split_examples(batch, batch_size, self.name)
+        rows: list[list[Optional[Tensor]]] = []
+        with silenced_logging(module):
+            for i in range(batch_size):
+                one = tree_unflatten([t[i : i + 1] for t in leaves], spec)
+                grads = torch.autograd.grad(step(one)[1], list(params), allow_unused=True)
+                rows.append([None if g is None else g.detach() for g in grads])
+        out: list[Optional[Tensor]] = []
+        for j, p in enumerate(params):
+            column = [r[j] for r in rows]
+            if all(g is None for g in column):
+                out.append(None)
+            else:
+                out.append(torch.stack([torch.zeros_like(p) if g is None else g for g in column]))
+        return output, loss.detach(), out

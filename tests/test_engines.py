@@ -1,0 +1,201 @@
+"""Exact DP-SGD updates on the architectures Opacus's hooks get wrong, via engine='auto'.
+
+For each model: one private step with noise 0 through a real Trainer, and the parameter
+change compared with the clipped sum of brute-force per-example gradients (one backward
+pass per example, each on its own loss) over the examples the loop received.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import Batches, clipped_sum, snapshot, trainer
+from lightning_dp import DPStrategy
+
+VOCAB, T, D = 13, 8, 16
+
+
+class LM(L.LightningModule):
+    """Next-token prediction with a token-level loss over (B*T, V) logits and a
+    non-contiguous input slice x[:, :-1]."""
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # each architecture below defines its own body
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        (x,) = batch
+        inp, tgt = x[:, :-1], x[:, 1:]
+        logits = self.head(self.body(self.tok(inp)))
+        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+class NanoGPT(LM):
+    """nanoGPT's position embedding: pos_emb(torch.arange(T)), no batch dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_emb = nn.Embedding(T, D)
+        self.mlp = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.GELU())
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(h + self.pos_emb(torch.arange(h.shape[1], device=h.device)))
+
+
+class CausalTransformer(LM):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(D, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device)
+        return self.encoder(h, mask=mask, is_causal=True)
+
+
+class CausalAttention(LM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, num_heads=2, batch_first=True)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device)
+        return self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+
+
+class LSTMLM(LM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(D, D, batch_first=True)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        return self.rnn(h)[0]
+
+
+class GRULM(LM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(D, D, batch_first=True)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        return self.rnn(h)[0]
+
+
+class TiedLM(NanoGPT):
+    """Input and output embeddings share one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head.weight = self.tok.weight
+
+
+class ConvGroupNorm(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+        )
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.loss(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def token_data(n: int = 32) -> TensorDataset:
+    return TensorDataset(torch.randint(0, VOCAB, (n, T + 1), generator=torch.Generator().manual_seed(1)))
+
+
+def image_data(n: int = 32) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+CASES = [
+    (NanoGPT, token_data, "functorch"),
+    (CausalTransformer, token_data, "functorch"),
+    (CausalAttention, token_data, "functorch"),
+    (LSTMLM, token_data, "functorch"),
+    (GRULM, token_data, "loop"),  # vmap has no batching rule that works for nn.GRU
+    (TiedLM, token_data, "functorch"),
+    (ConvGroupNorm, image_data, "hooks"),
+]
+
+
+@pytest.mark.parametrize("max_physical", [None, 3])
+@pytest.mark.parametrize("model_cls, data, engine", CASES, ids=[c[0].__name__ for c in CASES])
+def test_auto_engine_gives_the_exact_dp_update(model_cls, data, engine, max_physical) -> None:
+    c, b = 0.05, 8  # C small enough that clipping binds
+    model = model_cls()
+    reference = model_cls()
+    reference.load_state_dict(model.state_dict())
+    before = snapshot(model)
+    rec = Batches()
+    t = trainer(max_steps=1, callbacks=[rec],
+                strategy=DPStrategy(max_grad_norm=c, noise_multiplier=0.0, max_physical_batch_size=max_physical))
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        t.fit(model, DataLoader(data(), batch_size=b, shuffle=True))
+    assert t.strategy.engine.name == engine
+    examples = [tuple(t_[i : i + 1] for t_ in chunk) for batch in rec.batches for chunk in batch.chunks
+                for i in range(len(chunk[0]))]
+    assert examples, "the Poisson draw was empty; pick another seed"
+    params = [p for p in reference.parameters()]
+    grads = [list(torch.autograd.grad(reference.loss(ex), params)) for ex in examples]
+    expected = [g / b for g in clipped_sum(grads, c, params)]
+    for p0, p, e in zip(before, model.parameters(), expected):
+        torch.testing.assert_close(p0 - p.detach(), e, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_engine_explains_its_choice(caplog: pytest.LogCaptureFixture) -> None:
+    t = trainer(max_steps=1, strategy=DPStrategy(noise_multiplier=1.0))
+    with caplog.at_level("INFO"), pytest.warns(UserWarning):
+        t.fit(NanoGPT(), DataLoader(token_data(), batch_size=8, shuffle=True))
+    messages = [r.getMessage() for r in caplog.records if "per-sample gradients by" in r.getMessage()]
+    assert len(messages) == 1
+    assert "'functorch' engine" in messages[0] and "'hooks' passed over" in messages[0] and "pos_emb" in messages[0]
+
+
+class DropoutLM(NanoGPT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.Dropout(0.3), nn.GELU())
+
+
+def test_functorch_engine_trains_with_dropout_and_logs_the_real_batch() -> None:
+    logged: list[float] = []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch.size:
+                logged.append(float(trainer.callback_metrics["train_loss"]))
+                assert float(outputs["loss"]) == pytest.approx(logged[-1], rel=1e-6)
+
+    model = DropoutLM()
+    t = trainer(max_steps=4, callbacks=[Watch()], strategy=DPStrategy(noise_multiplier=1.0, engine="functorch"))
+    with pytest.warns(UserWarning):
+        t.fit(model, DataLoader(token_data(), batch_size=8, shuffle=True))
+    assert t.global_step == 4 and len(logged) > 0
+    assert all(torch.isfinite(torch.tensor(logged)))
