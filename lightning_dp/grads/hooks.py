@@ -48,8 +48,13 @@ class OpacusHooksEngine(PerSampleGradEngine):
 
     def detach(self) -> None:
         if self._hooks is not None:
+            module = self._hooks._module
             self._hooks.cleanup()
             self._hooks = None
+            for m in module.modules():  # what a failed backward leaves behind on the layers
+                for attr in ("activations", "max_batch_len"):
+                    if attr in vars(m):
+                        delattr(m, attr)
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
