@@ -119,7 +119,9 @@ class OpacusHooksEngine(PerSampleGradEngine):
                         "batch dimension from a tensor without one (e.g. pos_emb(torch.arange(T)))."
                     )
                 gs = gs.to(p.dtype)
-                out.append(gs * batch_size if loss_reduction == "mean" else gs)
+                # A mean over n examples scaled each one's gradient by 1/n; undo it in place
+                # (this tensor is ours; a copy would double the per-sample memory).
+                out.append(gs.mul_(batch_size) if loss_reduction == "mean" else gs)
         finally:
             for p in params:
                 p.grad = None  # the plain summed gradient is not private: never let it reach a step
