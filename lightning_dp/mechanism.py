@@ -52,7 +52,7 @@ class GaussianMechanism:
         n = present[0].shape[0]
         sq = torch.zeros(n, device=present[0].device, dtype=torch.float32)
         for g in present:
-            sq += g.reshape(n, -1).float().pow(2).sum(dim=1)
+            sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float32).square()
         norms = sq.sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for i, g in enumerate(per_sample):

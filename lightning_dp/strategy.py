@@ -298,7 +298,7 @@ class DPStrategy(SingleDeviceStrategy):
         self.engine = None
         rejected: dict[str, str] = {}
         for name in ENGINES if self.engine_name == "auto" else (self.engine_name,):
-            engine = make_engine(name)
+            engine = make_engine(name, self.loss_reduction)
             problems = engine.unsupported(module)
             if problems:
                 rejected[name] = "; ".join(problems)

@@ -64,7 +64,7 @@ class PerSampleGradEngine(ABC):
 ENGINES = ("hooks", "functorch", "loop")
 
 
-def make_engine(name: str) -> PerSampleGradEngine:
+def make_engine(name: str, loss_reduction: LossReduction = "mean") -> PerSampleGradEngine:
     """Build the engine called ``name`` (one of :data:`ENGINES`)."""
     from lightning_dp.grads.functorch import FunctorchEngine, LoopEngine
     from lightning_dp.grads.hooks import OpacusHooksEngine
@@ -74,6 +74,8 @@ def make_engine(name: str) -> PerSampleGradEngine:
     }
     if name not in engines:
         raise ValueError(f"Unknown per-sample gradient engine {name!r}; choose 'auto' or one of {sorted(engines)}")
+    if name == OpacusHooksEngine.name:
+        return OpacusHooksEngine(loss_reduction)
     return engines[name]()
 
 

@@ -34,16 +34,18 @@ class OpacusHooksEngine(PerSampleGradEngine):
 
     name = "hooks"
 
-    def __init__(self) -> None:
+    def __init__(self, loss_reduction: LossReduction = "mean") -> None:
+        self.loss_reduction = loss_reduction
         self._hooks: Optional[GradSampleHooks] = None
         self._names: dict[nn.Parameter, str] = {}
 
     def attach(self, module: nn.Module) -> None:
         if self._hooks is not None:
             return  # fit, then fit again on the same strategy: hooks are already there
-        # loss_reduction="sum": Opacus would scale by the batch size *it infers* per layer,
-        # which is the very guess that goes wrong; we scale by the known chunk size instead.
-        self._hooks = GradSampleHooks(module, batch_first=True, loss_reduction="sum", strict=False)
+        # Opacus undoes a mean's 1/n on each layer's backprops, with the n *it infers* for that
+        # layer: the very guess that can go wrong. compute() verifies every layer's n against
+        # the known chunk size, so the scaling stays right wherever the result is used.
+        self._hooks = GradSampleHooks(module, batch_first=True, loss_reduction=self.loss_reduction, strict=False)
         self._names = param_names(module)
 
     def detach(self) -> None:
@@ -88,12 +90,12 @@ class OpacusHooksEngine(PerSampleGradEngine):
         self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
     ) -> tuple[Any, Tensor, list[Optional[Tensor]]]:
         assert self._hooks is not None, "engine used before attach()"
+        if loss_reduction != self.loss_reduction:
+            raise ValueError(f"this engine was attached for loss_reduction={self.loss_reduction!r}")
         output, loss = step(batch)
-        return output, loss.detach(), self._backward(loss, params, batch_size, loss_reduction)
+        return output, loss.detach(), self._backward(loss, params, batch_size)
 
-    def _backward(
-        self, loss: Tensor, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
-    ) -> list[Optional[Tensor]]:
+    def _backward(self, loss: Tensor, params: Sequence[nn.Parameter], batch_size: int) -> list[Optional[Tensor]]:
         loss.backward()
         out: list[Optional[Tensor]] = []
         try:
@@ -118,10 +120,7 @@ class OpacusHooksEngine(PerSampleGradEngine):
                         f"{batch_size} examples; expected {(batch_size, *p.shape)}. Opacus guessed the "
                         "batch dimension from a tensor without one (e.g. pos_emb(torch.arange(T)))."
                     )
-                gs = gs.to(p.dtype)
-                # A mean over n examples scaled each one's gradient by 1/n; undo it in place
-                # (this tensor is ours; a copy would double the per-sample memory).
-                out.append(gs.mul_(batch_size) if loss_reduction == "mean" else gs)
+                out.append(gs.to(p.dtype))
         finally:
             for p in params:
                 p.grad = None  # the plain summed gradient is not private: never let it reach a step

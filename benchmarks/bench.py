@@ -1,0 +1,292 @@
+"""Step time and peak memory of private training, side by side, in one run.
+
+    python benchmarks/bench.py              # all models and modes; writes benchmarks/RESULTS.md
+    python benchmarks/bench.py --quick      # fewer steps, the small models only
+
+Each (model, mode) runs in its own subprocess so peak memory is measured cleanly: the
+figure is the growth of the process's peak resident memory over its resident memory just
+before the first step (CPU), or torch's peak allocated memory (CUDA). Step time is the median
+over the timed steps (after warm-up) of one optimizer step including forward, backward,
+clipping and noise, excluding data loading.
+
+Modes: ``lightning`` (no privacy), ``dp-<engine>`` (``DPStrategy(engine=...)``), and
+``opacus`` (a plain PyTorch loop with Opacus ``make_private``, hooks, Poisson sampling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+
+MODELS: dict[str, dict[str, Any]] = {
+    "gpt-d128-T64": {"kind": "gpt", "d": 128, "T": 64, "layers": 2, "heads": 4, "vocab": 256, "batch": 64},
+    "gpt-d256-T128": {"kind": "gpt", "d": 256, "T": 128, "layers": 2, "heads": 4, "vocab": 256, "batch": 64},
+    "digits-mlp": {"kind": "mlp", "batch": 64},
+}
+MODES = ["lightning", "dp-hooks", "dp-functorch", "dp-loop", "opacus"]
+
+
+# --------------------------------------------------------------------------- models
+class CausalSelfAttention(nn.Module):
+    """Attention from Linear layers, so Opacus's hooks can handle it (they refuse
+    nn.MultiheadAttention with a causal mask)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, d: int, T: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(T, d)
+        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Positions carry the batch dimension: Opacus's hooks mis-handle pos(torch.arange(T)).
+        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        return self.head(self.ln(self.blocks(self.tok(x) + self.pos(pos))))
+
+
+def build(cfg: dict[str, Any]) -> tuple[nn.Module, torch.utils.data.Dataset, Any]:
+    g = torch.Generator().manual_seed(0)
+    if cfg["kind"] == "gpt":
+        model = GPT(cfg["vocab"], cfg["d"], cfg["T"], cfg["layers"], cfg["heads"])
+        data = torch.randint(0, cfg["vocab"], (cfg["batch"] * 32, cfg["T"] + 1), generator=g)
+        ds = torch.utils.data.TensorDataset(data)
+
+        def loss_fn(m: nn.Module, batch: Any) -> torch.Tensor:
+            (x,) = batch
+            logits = m(x[:, :-1])
+            return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+        return model, ds, loss_fn
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    ds = torch.utils.data.TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y))
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
+
+    def loss_fn(m: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(m(x), y)
+
+    return model, ds, loss_fn
+
+
+# --------------------------------------------------------------------------- measuring
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Meter:
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self.base = device, [], 0.0
+
+    def start_run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.base = _rss_mb()
+
+    def peak(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20 - self.base
+        return _peak_mb() - self.base
+
+    def tick(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    import lightning as L
+
+    cfg = MODELS[model_name]
+    torch.manual_seed(0)
+    net, ds, loss_fn = build(cfg)
+    meter = Meter(device)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch"], shuffle=True)
+
+    if mode == "opacus":
+        from opacus import PrivacyEngine
+
+        net = net.to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        engine = PrivacyEngine()
+        net, opt, loader = engine.make_private(
+            module=net, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=True,
+        )
+        times: list[float] = []
+        it = iter(loader)
+        meter.start_run()
+        for i in range(warmup + steps):
+            batch = [t.to(device) for t in next(it)]
+            t0 = meter.tick()
+            opt.zero_grad()
+            if len(batch[0]):
+                loss_fn(net, batch).backward()
+            opt.step()
+            t1 = meter.tick()
+            if i >= warmup:
+                times.append(t1 - t0)
+        return {"step_s": statistics.median(times), "peak_mb": meter.peak()}
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return loss_fn(self.net, batch)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    times = []
+
+    class Timer(L.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            meter.start_run()
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self.t0 = meter.tick()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx >= warmup:
+                times.append(meter.tick() - self.t0)
+
+    kwargs: dict[str, Any] = {}
+    if mode.startswith("dp-"):
+        from lightning_dp import DPStrategy
+
+        kwargs["strategy"] = DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, engine=mode[3:],
+                                        device=device)
+    trainer = L.Trainer(
+        max_steps=warmup + steps, accelerator=device.type, devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()], **kwargs,
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(), loader)
+    return {"step_s": statistics.median(times), "peak_mb": meter.peak()}
+
+
+# --------------------------------------------------------------------------- the table
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args()
+    steps = args.steps or (3 if args.quick else 10)
+    warmup = 2
+    if args.one:
+        res = run_one(args.one[0], args.one[1], steps, warmup, torch.device(args.device))
+        print("RESULT " + json.dumps(res))
+        return
+
+    models = ["gpt-d128-T64", "digits-mlp"] if args.quick else list(MODELS)
+    rows = []
+    for model in models:
+        results: dict[str, dict[str, Any]] = {}
+        for mode in MODES:
+            if mode == "dp-loop" and model == "gpt-d256-T128":
+                results[mode] = {"skipped": "one backward per example: minutes per step here"}
+                continue
+            cmd = [sys.executable, __file__, "--one", model, mode, "--device", args.device, "--steps", str(steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                results[mode] = {"error": err[:120]}
+            else:
+                results[mode] = json.loads(line[7:])
+            print(model, mode, results[mode], flush=True)
+        base = results["lightning"]
+        for mode in MODES:
+            r = results[mode]
+            if "step_s" in r:
+                opac = results.get("opacus", {})
+                vs_opacus = f"{r['step_s'] / opac['step_s']:.2f}x" if "step_s" in opac else "n/a"
+                rows.append((model, mode, f"{r['step_s'] * 1000:.1f}", f"{r['step_s'] / base['step_s']:.2f}x",
+                             vs_opacus, f"{r['peak_mb']:.0f}", f"{r['peak_mb'] / max(base['peak_mb'], 1):.2f}x"))
+            else:
+                rows.append((model, mode, "-", "-", "-", "-", r.get("skipped") or r.get("error", "")))
+
+    header = ("model", "mode", "step ms (median)", "time vs non-private", "time vs Opacus", "peak MB", "memory vs non-private")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    Path(args.out).write_text(
+        "# Benchmark results\n\n"
+        f"Machine: {machine()}. Device: {args.device}. {steps} timed steps after {warmup} warm-up, expected "
+        "batch 64, noise 1.0, C = 1.0. Produced by `python benchmarks/bench.py"
+        f"{' --quick' if args.quick else ''}`.\n\n{table}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
