@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_dp.grads.engine import Materialized, PerExampleGrads
+
 
 class GaussianMechanism:
     """Clip, sum, noise and normalise per-example gradients.
@@ -43,24 +45,20 @@ class GaussianMechanism:
         self._sums: list[Optional[Tensor]] = [None] * len(self.params)
         self.examples_seen = 0
 
-    def add(self, per_sample: Sequence[Optional[Tensor]]) -> Tensor:
-        """Clip each example's gradient (rows of ``per_sample``, aligned with ``params``) to
-        norm ``C`` and add it to the running sum. Returns the unclipped per-example norms."""
-        present = [g for g in per_sample if g is not None]
-        if not present:
+    def add(self, grads: PerExampleGrads | Sequence[Optional[Tensor]]) -> Tensor:
+        """Clip each example's gradient (aligned with ``params``) to norm ``C`` and add it to
+        the running sum. Returns the unclipped per-example norms."""
+        if not isinstance(grads, PerExampleGrads):
+            present = [g for g in grads if g is not None]
+            grads = Materialized(list(grads), present[0].shape[0] if present else 0)
+        if grads.batch_size == 0:
             return torch.zeros(0)
-        n = present[0].shape[0]
-        sq = torch.zeros(n, device=present[0].device, dtype=torch.float32)
-        for g in present:
-            sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float32).square()
-        norms = sq.sqrt()
+        norms = grads.sq_norms().sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for i, g in enumerate(per_sample):
-            if g is None:
-                continue
-            clipped = torch.einsum("i,i...->...", factor.to(g.dtype), g)
-            self._sums[i] = clipped if self._sums[i] is None else self._sums[i] + clipped
-        self.examples_seen += n
+        for i, clipped in enumerate(grads.weighted_sum(factor)):
+            if clipped is not None:
+                self._sums[i] = clipped if self._sums[i] is None else self._sums[i] + clipped
+        self.examples_seen += grads.batch_size
         return norms
 
     @torch.no_grad()

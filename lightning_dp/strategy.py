@@ -77,7 +77,9 @@ class DPStrategy(SingleDeviceStrategy):
         loss_reduction: how ``training_step``'s loss reduces over the batch: ``"mean"``
             (default) or ``"sum"``. The start-of-fit check tells you if it is the other.
         engine: the per-sample gradient engine: ``"auto"`` (default) takes the first of
-            ``"hooks"`` (Opacus's per-layer hooks, fast) and ``"functorch"`` (``vmap(grad(...))``
+            ``"ghost"`` (book-keeping ghost clipping: no per-example gradients for Linear and
+            Embedding layers, least memory), ``"hooks"`` (Opacus's per-layer hooks),
+            ``"functorch"`` (``vmap(grad(...))``
             over the whole ``training_step``: exact for causal attention, recurrent layers,
             position embeddings, tied weights) and ``"loop"`` (a backward pass per example:
             exact for anything, slowest) that passes the start-of-fit check, and logs its
@@ -114,7 +116,7 @@ class DPStrategy(SingleDeviceStrategy):
         max_physical_batch_size: Optional[int] = None,
         secure_mode: bool = False,
         loss_reduction: LossReduction = "mean",
-        engine: Literal["auto", "hooks", "functorch", "loop"] = "auto",
+        engine: Literal["auto", "ghost", "hooks", "functorch", "loop"] = "auto",
         check_per_sample_grads: bool = True,
         replace_batch_norm: bool = False,
         device: Optional[Union[str, torch.device]] = None,

@@ -125,6 +125,34 @@ class ConvGroupNorm(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
+class LinearAttentionGPT(LM):
+    """A GPT block built from Linear layers, positions with a batch dimension, a padded
+    embedding: everything the ghost engine computes without per-example gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.pos = nn.Embedding(T, D)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+        self.ln = nn.LayerNorm(D)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, d = h.shape
+        h = h + self.pos(torch.arange(t, device=h.device).expand(b, t))
+        q, k, v = self.qkv(self.ln(h)).view(b, t, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return h + self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TiedLinearAttentionGPT(LinearAttentionGPT):
+    """Tied input/output embeddings: the shared weight falls back to per-example gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head.weight = self.tok.weight
+
+
 def token_data(n: int = 32) -> TensorDataset:
     return TensorDataset(torch.randint(0, VOCAB, (n, T + 1), generator=torch.Generator().manual_seed(1)))
 
@@ -141,7 +169,9 @@ CASES = [
     (LSTMLM, token_data, "functorch"),
     (GRULM, token_data, "loop"),  # vmap has no batching rule that works for nn.GRU
     (TiedLM, token_data, "functorch"),
-    (ConvGroupNorm, image_data, "hooks"),
+    (ConvGroupNorm, image_data, "ghost"),
+    (LinearAttentionGPT, token_data, "ghost"),
+    (TiedLinearAttentionGPT, token_data, "ghost"),
 ]
 
 

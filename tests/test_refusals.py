@@ -34,7 +34,7 @@ def fit(model: L.LightningModule, dl: Any, **strategy_kw: Any) -> L.Trainer:
         ({"max_physical_batch_size": 0}, "max_physical_batch_size"),
         ({"loss_reduction": "median"}, "loss_reduction"),
         ({"engine": "magic"}, "engine"),
-        ({"engine": "ghost"}, "engine"),
+        ({"engine": "ghost-clipping"}, "engine"),
     ],
 )
 def test_strategy_arguments_are_validated(kw: dict, match: str) -> None:
@@ -341,3 +341,24 @@ def test_noise_lowered_after_the_budget_looked_is_refused_at_the_step(dataset) -
         t.fit(Classifier(), loader(dataset))
     assert budget.history.segments == [(2.0, 0.125, 2)]
     assert budget.epsilon_spent <= 5.0
+
+
+class PaddedEmbedding(Classifier):
+    """An embedding with padding_idx: Opacus's embedding grad sampler gives the padding row a
+    per-example gradient that autograd never does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6, padding_idx=0)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        x, y = batch
+        ids = (x.abs() * 3).long().clamp(max=9)  # many zeros: the padding index
+        return nn.functional.cross_entropy(self.net(self.emb(ids).mean(dim=1)), y)
+
+
+def test_opacus_padding_idx_bug_is_caught_and_auto_moves_on(dataset) -> None:
+    with pytest.raises(PerSampleGradientMismatch, match="emb.weight"):
+        fit(PaddedEmbedding(), loader(dataset), engine="hooks")
+    t = fit(PaddedEmbedding(), loader(dataset))
+    assert t.strategy.engine.name == "ghost"

@@ -72,7 +72,10 @@ def check_per_sample_grads(
     with deterministic_layers(module), torch.random.fork_rng(devices=_devices(params)):
         batch = batch_of(indices)
         try:
-            _, _, per_sample = engine.compute(step, batch, params, n, loss_reduction)
+            _, _, grads = engine.compute(step, batch, params, n, loss_reduction)
+            # Each example's gradient, as the DP step would weigh it alone; and its norm.
+            per_example = [grads.weighted_sum(torch.eye(n, device=_device(params))[k]) for k in range(n)]
+            sq_norms = grads.sq_norms()
         except Exception as err:  # the engine crashing on this model is the check's finding
             raise PerSampleGradientMismatch(
                 f"The '{engine.name}' per-sample gradient engine cannot handle this model: it failed on "
@@ -86,7 +89,7 @@ def check_per_sample_grads(
                 reference.append([None if g is None else g.detach() for g in grads])
 
     def rows(k: int) -> tuple[list[Tensor], list[Tensor]]:
-        got = [torch.zeros_like(p) if g is None else g[k] for p, g in zip(params, per_sample)]
+        got = [torch.zeros_like(p) if g is None else g for p, g in zip(params, per_example[k])]
         ref = [torch.zeros_like(p) if g is None else g for p, g in zip(params, reference[k])]
         return got, ref
 
@@ -104,6 +107,9 @@ def check_per_sample_grads(
             if err > tol:
                 name = names.get(p, "?")
                 bad[name] = max(bad.get(name, 0.0), rel)
+        norm_err = abs(sq_norms[k].double().clamp(min=0).sqrt().item() - ref_norm)
+        if norm_err > tol:  # the norm the clipping uses must be the gradient's norm
+            bad["<per-example gradient norm>"] = max(bad.get("<per-example gradient norm>", 0.0), norm_err / (ref_norm + 1e-12))
         # Would the other loss reduction have matched? (a summed loss read as a mean is off by n)
         for other, factor in (("sum", 1.0 / n), ("mean", float(n))):
             if other != loss_reduction:
@@ -127,6 +133,10 @@ def check_per_sample_grads(
             "DPStrategy(check_per_sample_grads=False) once you have verified the gradients yourself."
         )
     return worst
+
+
+def _device(params: Sequence[nn.Parameter]) -> torch.device:
+    return params[0].device if params else torch.device("cpu")
 
 
 def _devices(params: Sequence[nn.Parameter]) -> list[int]:

@@ -7,12 +7,47 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Literal, Optional
 
+import torch
 from torch import Tensor, nn
 
 LossReduction = Literal["mean", "sum"]
 
 #: Runs the user's training step on a batch and returns ``(output, loss)``.
 StepFn = Callable[[Any], tuple[Any, Tensor]]
+
+
+class PerExampleGrads(ABC):
+    """The per-example gradients of a chunk, as the DP step uses them: their norms, and sums
+    weighted per example. An engine may answer both without ever forming one gradient per
+    example (ghost clipping)."""
+
+    batch_size: int
+
+    @abstractmethod
+    def sq_norms(self) -> Tensor:
+        """Shape ``(batch_size,)``: each example's squared gradient norm over all parameters."""
+
+    @abstractmethod
+    def weighted_sum(self, weights: Tensor) -> list[Optional[Tensor]]:
+        """For each parameter, ``sum_i weights[i] * grad_i`` (``None`` where all are zero)."""
+
+
+class Materialized(PerExampleGrads):
+    """Per-example gradients held as tensors of shape ``(batch_size, *param.shape)``."""
+
+    def __init__(self, grads: list[Optional[Tensor]], batch_size: int) -> None:
+        self.grads = grads
+        self.batch_size = batch_size
+
+    def sq_norms(self) -> Tensor:
+        present = [g for g in self.grads if g is not None]
+        sq = torch.zeros(self.batch_size, dtype=torch.float32, device=present[0].device if present else None)
+        for g in present:
+            sq += torch.linalg.vector_norm(g.reshape(self.batch_size, -1), dim=1, dtype=torch.float32).square()
+        return sq
+
+    def weighted_sum(self, weights: Tensor) -> list[Optional[Tensor]]:
+        return [None if g is None else torch.einsum("i,i...->...", weights.to(g.dtype), g) for g in self.grads]
 
 
 class PerSampleGradEngine(ABC):
@@ -45,11 +80,10 @@ class PerSampleGradEngine(ABC):
         params: Sequence[nn.Parameter],
         batch_size: int,
         loss_reduction: LossReduction,
-    ) -> tuple[Any, Tensor, list[Optional[Tensor]]]:
+    ) -> tuple[Any, Tensor, PerExampleGrads]:
         """Run ``step`` on ``batch`` (``batch_size`` examples) and return the step's output,
-        its loss (detached), and for each of ``params`` a tensor of shape
-        ``(batch_size, *param.shape)`` holding each example's gradient of its own loss, or
-        ``None`` where the parameter got no gradient.
+        its loss (detached), and each example's gradient of its own loss with respect to
+        ``params``.
 
         Must leave ``param.grad`` empty: the summed, unclipped gradient is not private.
         """
@@ -60,22 +94,21 @@ class PerSampleGradEngine(ABC):
         yield
 
 
-#: In the order ``engine="auto"`` tries them: fastest first.
-ENGINES = ("hooks", "functorch", "loop")
+#: In the order ``engine="auto"`` tries them.
+ENGINES = ("ghost", "hooks", "functorch", "loop")
 
 
 def make_engine(name: str, loss_reduction: LossReduction = "mean") -> PerSampleGradEngine:
     """Build the engine called ``name`` (one of :data:`ENGINES`)."""
     from lightning_dp.grads.functorch import FunctorchEngine, LoopEngine
+    from lightning_dp.grads.ghost import GhostEngine
     from lightning_dp.grads.hooks import OpacusHooksEngine
 
-    engines: dict[str, type[PerSampleGradEngine]] = {
-        e.name: e for e in (OpacusHooksEngine, FunctorchEngine, LoopEngine)
-    }
-    if name not in engines:
-        raise ValueError(f"Unknown per-sample gradient engine {name!r}; choose 'auto' or one of {sorted(engines)}")
     if name == OpacusHooksEngine.name:
         return OpacusHooksEngine(loss_reduction)
+    engines: dict[str, type[PerSampleGradEngine]] = {e.name: e for e in (GhostEngine, FunctorchEngine, LoopEngine)}
+    if name not in engines:
+        raise ValueError(f"Unknown per-sample gradient engine {name!r}; choose 'auto' or one of {sorted(ENGINES)}")
     return engines[name]()
 
 

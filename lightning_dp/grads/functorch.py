@@ -19,7 +19,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, StepFn, param_names, silenced_logging
+from lightning_dp.grads.engine import (
+    LossReduction,
+    Materialized,
+    PerExampleGrads,
+    PerSampleGradEngine,
+    StepFn,
+    param_names,
+    silenced_logging,
+)
 
 
 def _split_examples(batch: Any, batch_size: int, engine: str) -> tuple[list[Tensor], Any]:
@@ -67,7 +75,7 @@ class FunctorchEngine(PerSampleGradEngine):
 
     def compute(
         self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
-    ) -> tuple[Any, Tensor, list[Optional[Tensor]]]:
+    ) -> tuple[Any, Tensor, PerExampleGrads]:
         module = self._module
         assert module is not None, "engine used before attach()"
         with torch.no_grad():  # the real step: its logs and outputs, as without DP
@@ -90,7 +98,7 @@ class FunctorchEngine(PerSampleGradEngine):
             p.grad = None
         # Each example ran as a batch of one: its gradient is that of its own loss whatever
         # the reduction, so no rescaling.
-        return output, loss.detach(), [g.detach() for g in grads]
+        return output, loss.detach(), Materialized([g.detach() for g in grads], batch_size)
 
 
 class LoopEngine(PerSampleGradEngine):
@@ -111,7 +119,7 @@ class LoopEngine(PerSampleGradEngine):
 
     def compute(
         self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
-    ) -> tuple[Any, Tensor, list[Optional[Tensor]]]:
+    ) -> tuple[Any, Tensor, PerExampleGrads]:
         module = self._module
         assert module is not None, "engine used before attach()"
         with torch.no_grad():  # the real step: its logs and outputs, as without DP
@@ -130,4 +138,4 @@ class LoopEngine(PerSampleGradEngine):
                 out.append(None)
             else:
                 out.append(torch.stack([torch.zeros_like(p) if g is None else g for g in column]))
-        return output, loss.detach(), out
+        return output, loss.detach(), Materialized(out, batch_size)

@@ -18,7 +18,14 @@ from typing import Any, Optional
 from opacus.grad_sample import GradSampleHooks
 from torch import Tensor, nn
 
-from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, StepFn, param_names
+from lightning_dp.grads.engine import (
+    LossReduction,
+    Materialized,
+    PerExampleGrads,
+    PerSampleGradEngine,
+    StepFn,
+    param_names,
+)
 
 # Opacus registers full backward hooks on every layer; torch warns when the first layer's input
 # needs no gradient, which is the normal case for data and says nothing about correctness.
@@ -88,12 +95,12 @@ class OpacusHooksEngine(PerSampleGradEngine):
 
     def compute(
         self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
-    ) -> tuple[Any, Tensor, list[Optional[Tensor]]]:
+    ) -> tuple[Any, Tensor, PerExampleGrads]:
         assert self._hooks is not None, "engine used before attach()"
         if loss_reduction != self.loss_reduction:
             raise ValueError(f"this engine was attached for loss_reduction={self.loss_reduction!r}")
         output, loss = step(batch)
-        return output, loss.detach(), self._backward(loss, params, batch_size)
+        return output, loss.detach(), Materialized(self._backward(loss, params, batch_size), batch_size)
 
     def _backward(self, loss: Tensor, params: Sequence[nn.Parameter], batch_size: int) -> list[Optional[Tensor]]:
         loss.backward()

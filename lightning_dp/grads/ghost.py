@@ -1,0 +1,257 @@
+"""Memory-lean clipping: per-example norms and clipped sums without per-example gradients.
+
+Book-keeping ghost clipping (Li et al. 2022, "Large language models can be strong
+differentially private learners"; Bu et al. 2023, "Differentially private optimization on
+large models at small cost"). One ordinary backward pass records, for each layer, its input
+``a`` and the gradient of its output ``g``. For a Linear layer the example's weight gradient
+is ``g_i^T a_i`` (summed over positions), whose squared norm is
+``sum((a_i a_i^T) * (g_i g_i^T))``: a ``T x T`` computation instead of a ``d_out x d_in``
+matrix per example. Once every example's norm is known, the clipped sum is one matrix
+product ``(c * g)^T a``. Embeddings work the same way with token equality in place of
+``a_i a_i^T``. Other layers with an Opacus per-layer sampler (LayerNorm, GroupNorm, Conv, ...)
+fall back to per-example gradients for that layer only, as do parameters shared between
+layers or layers called more than once (their cross terms are not ghost-computable).
+
+This is our own implementation rather than Opacus's ``GradSampleModuleFastGradientClipping``,
+which needs a per-example loss vector (LightningModules return a scalar), crashes on a
+non-contiguous embedding input (``x[:, :-1]``) and on a token-level loss of shape (B*T,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from opacus.grad_sample import GradSampleHooks
+from torch import Tensor, nn
+
+from lightning_dp.grads.engine import (
+    LossReduction,
+    PerExampleGrads,
+    PerSampleGradEngine,
+    StepFn,
+    param_names,
+)
+from lightning_dp.grads.hooks import PerSampleGradientError
+
+_GHOST = (nn.Linear, nn.Embedding)
+
+
+def _own_trainable(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+
+
+class GhostGrads(PerExampleGrads):
+    """Per-example gradients kept as layer inputs and output gradients where possible."""
+
+    def __init__(self, batch_size: int, num_params: int) -> None:
+        self.batch_size = batch_size
+        self.num_params = num_params
+        self.materialized: dict[int, Tensor] = {}  # param index -> (n, *shape)
+        self.linear: list[tuple[int, Tensor, Tensor]] = []  # (index, a (n,L,i), g (n,L,o))
+        self.embedding: list[tuple[int, Tensor, Tensor, int]] = []  # (index, ids (n,L), g (n,L,d), rows)
+
+    def add_materialized(self, index: int, grad: Tensor) -> None:
+        self.materialized[index] = grad if index not in self.materialized else self.materialized[index] + grad
+
+    def sq_norms(self) -> Tensor:
+        n = self.batch_size
+        sq = torch.zeros(n, dtype=torch.float32, device=self._device())
+        for g in self.materialized.values():
+            sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float32).square()
+        for _, a, g in self.linear:
+            a, g = a.float(), g.float()
+            sq += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+        for _, ids, g, _ in self.embedding:
+            g = g.float()
+            same = (ids.unsqueeze(2) == ids.unsqueeze(1)).float()
+            sq += (same * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+        return sq
+
+    def weighted_sum(self, weights: Tensor) -> list[Optional[Tensor]]:
+        out: list[Optional[Tensor]] = [None] * self.num_params
+        for i, g in self.materialized.items():
+            out[i] = torch.einsum("i,i...->...", weights.to(g.dtype), g)
+        for i, a, g in self.linear:
+            wg = g * weights.to(g.dtype).view(-1, 1, 1)
+            out[i] = wg.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        for i, ids, g, rows in self.embedding:
+            wg = (g * weights.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
+            out[i] = torch.zeros(rows, g.shape[-1], dtype=g.dtype, device=g.device).index_add_(0, ids.reshape(-1), wg)
+        return out
+
+    def _device(self) -> Optional[torch.device]:
+        for t in self.materialized.values():
+            return t.device
+        for _, a, _ in self.linear:
+            return a.device
+        for _, ids, _, _ in self.embedding:
+            return ids.device
+        return None
+
+
+def _per_example(m: nn.Module, x: Tensor, g: Tensor, n: int) -> dict[str, Tensor]:
+    """Per-example gradients of a Linear or Embedding layer for one call.
+
+    Ours rather than Opacus's samplers: Opacus's embedding sampler ignores ``padding_idx``
+    and gives the padding row a gradient that autograd never does (the check catches it on
+    the hooks engine; tests/test_refusals.py shows it)."""
+    g3 = g.reshape(n, -1, g.shape[-1])
+    if isinstance(m, nn.Linear):
+        a = x.reshape(n, -1, x.shape[-1])
+        out = {"weight": torch.einsum("nli,nlo->noi", a, g3)}
+        if m.bias is not None:
+            out["bias"] = g3.sum(dim=1)
+        return out
+    assert isinstance(m, nn.Embedding)
+    ids = x.reshape(n, -1)
+    if m.padding_idx is not None:
+        g3 = g3 * (ids != m.padding_idx).unsqueeze(-1).to(g3.dtype)
+    rows = m.num_embeddings
+    flat = (ids + torch.arange(n, device=ids.device).unsqueeze(1) * rows).reshape(-1)
+    grad = torch.zeros(n * rows, g3.shape[-1], dtype=g3.dtype, device=g3.device)
+    return {"weight": grad.index_add_(0, flat, g3.reshape(-1, g3.shape[-1])).view(n, rows, -1)}
+
+
+class GhostEngine(PerSampleGradEngine):
+    """Book-keeping ghost clipping for Linear and Embedding layers, per-layer per-example
+    gradients (Opacus's samplers) for the other supported layers."""
+
+    name = "ghost"
+
+    def __init__(self) -> None:
+        self._module: Optional[nn.Module] = None
+        self._handles: list[Any] = []
+        self._records: dict[nn.Module, list[list[Any]]] = {}
+        self._recording = False
+
+    def unsupported(self, module: nn.Module) -> list[str]:
+        problems = []
+        for name, m in module.named_modules():
+            if not _own_trainable(m):
+                continue
+            label = f"{name or '<root>'} ({type(m).__name__})"
+            if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.sparse or m.max_norm is not None):
+                problems.append(f"{label}: scale_grad_by_freq, sparse and max_norm embeddings have no ghost rule")
+            elif type(m) not in _GHOST and type(m) not in GradSampleHooks.GRAD_SAMPLERS:
+                problems.append(f"{label}: no ghost-clipping rule nor per-layer sampler for this layer type")
+        return problems
+
+    def attach(self, module: nn.Module) -> None:
+        self.detach()
+        self._module = module
+        for m in module.modules():
+            if _own_trainable(m):
+                self._handles.append(m.register_forward_hook(self._record))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._records = {}
+        self._module = None
+
+    def _record(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not self._recording or not torch.is_grad_enabled():
+            return
+        if not (isinstance(output, Tensor) and output.requires_grad):
+            return
+        record: list[Any] = [[t.detach() if isinstance(t, Tensor) else t for t in inputs], None]
+        self._records.setdefault(module, []).append(record)
+
+        def keep_grad(grad: Tensor) -> None:
+            record[1] = grad.detach()
+
+        output.register_hook(keep_grad)
+
+    def compute(
+        self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
+    ) -> tuple[Any, Tensor, PerExampleGrads]:
+        module = self._module
+        assert module is not None, "engine used before attach()"
+        self._records = {}
+        self._recording = True
+        try:
+            output, loss = step(batch)
+            loss.backward()
+        finally:
+            self._recording = False
+        records, self._records = self._records, {}
+        received = {p for p in params if p.grad is not None}
+        for p in params:
+            p.grad = None  # the plain summed gradient is not private: never let it reach a step
+        return output, loss.detach(), self._assemble(records, params, received, batch_size, loss_reduction)
+
+    def _assemble(
+        self,
+        records: dict[nn.Module, list[list[Any]]],
+        params: Sequence[nn.Parameter],
+        received: set[nn.Parameter],
+        n: int,
+        loss_reduction: LossReduction,
+    ) -> GhostGrads:
+        module = self._module
+        assert module is not None
+        names = param_names(module)
+        index = {p: i for i, p in enumerate(params)}
+        # A mean over the chunk scaled each example's gradient by 1/n; undo it on the output grads.
+        scale = float(n) if loss_reduction == "mean" else 1.0
+        calls = {m: [(inputs, g * scale) for inputs, g in rs if g is not None] for m, rs in records.items()}
+        uses: dict[nn.Parameter, int] = {}
+        for m, cs in calls.items():
+            for _, p in _own_trainable(m):
+                uses[p] = uses.get(p, 0) + len(cs)
+        covered = {p for p, k in uses.items() if k}
+        for p in received - covered:
+            raise PerSampleGradientError(
+                f"Parameter {names.get(p, '?')!r} received a gradient outside any layer the 'ghost' engine "
+                "records (a parameter used directly in training_step); it would escape clipping."
+            )
+        out = GhostGrads(n, len(params))
+        for m, cs in calls.items():
+            own = {k: p for k, p in _own_trainable(m) if p in index}
+            if not cs or not own:
+                continue
+            for inputs, g in cs:
+                first = inputs[0] if inputs else None
+                if g.shape[0] != n or not (isinstance(first, Tensor) and first.dim() > 0 and first.shape[0] == n):
+                    raise PerSampleGradientError(
+                        f"Layer {names.get(next(iter(own.values())), '?').rsplit('.', 1)[0]!r} ({type(m).__name__}) "
+                        f"ran on a tensor whose first dimension is not the {n} examples of the chunk "
+                        "(e.g. pos_emb(torch.arange(T))); the 'ghost' engine cannot split it per example."
+                    )
+            single = len(cs) == 1 and all(uses[p] == 1 for p in own.values())
+            if single and type(m) is nn.Linear:
+                (inputs, g), = cs
+                a = inputs[0].reshape(n, -1, inputs[0].shape[-1])
+                g3 = g.reshape(n, -1, g.shape[-1])
+                if "weight" in own:
+                    length = a.shape[1]
+                    if length * length <= a.shape[2] * g3.shape[2]:
+                        out.linear.append((index[own["weight"]], a, g3))
+                    else:  # long sequences, small layer: the gradient itself is smaller
+                        out.add_materialized(index[own["weight"]], torch.einsum("nli,nlo->noi", a, g3))
+                if "bias" in own:
+                    out.add_materialized(index[own["bias"]], g3.sum(dim=1))
+            elif single and type(m) is nn.Embedding:
+                (inputs, g), = cs
+                ids = inputs[0].reshape(n, -1)
+                g3 = g.reshape(n, -1, g.shape[-1])
+                if m.padding_idx is not None:  # the padding row never gets a gradient
+                    g3 = g3 * (ids != m.padding_idx).unsqueeze(-1).to(g3.dtype)
+                out.embedding.append((index[own["weight"]], ids, g3, m.num_embeddings))
+            elif type(m) in _GHOST:  # shared or called twice: sum the per-example gradients
+                for inputs, g in cs:
+                    for key, gs in _per_example(m, inputs[0], g, n).items():
+                        if key in own:
+                            out.add_materialized(index[own[key]], gs.to(own[key].dtype))
+            else:
+                sampler = GradSampleHooks.GRAD_SAMPLERS.get(type(m))
+                if sampler is None:
+                    raise PerSampleGradientError(f"No per-example rule for layer type {type(m).__name__}.")
+                for inputs, g in cs:
+                    for p, gs in sampler(m, [t for t in inputs if isinstance(t, Tensor)], g).items():
+                        if p in index:
+                            out.add_materialized(index[p], gs.to(p.dtype))
+        return out
