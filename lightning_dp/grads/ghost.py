@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from opacus.grad_sample import GradSampleHooks
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from lightning_dp.grads.engine import (
     LossReduction,
@@ -38,6 +39,23 @@ from lightning_dp.grads.hooks import PerSampleGradientError
 _GHOST = (nn.Linear, nn.Embedding)
 
 
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a Linear whose weight is stored (in, out)."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def _layer_per_example(m: nn.Module, x: Tensor, g: Tensor, own: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """Per-example gradients of one layer's own parameters by ``vmap`` over its examples:
+    the fallback for single-input layers with no rule of their own (e.g. LlamaRMSNorm)."""
+    values = {k: p.detach() for k, p in own.items()}
+
+    def contribution(v: dict[str, Tensor], xi: Tensor, gi: Tensor) -> Tensor:
+        out = functional_call(m, v, (xi.unsqueeze(0),), strict=False)
+        return (out * gi.unsqueeze(0)).sum()
+
+    return vmap(grad(contribution), in_dims=(None, 0, 0))(values, x, g)
+
+
 def _own_trainable(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
 
@@ -49,7 +67,7 @@ class GhostGrads(PerExampleGrads):
         self.batch_size = batch_size
         self.num_params = num_params
         self.materialized: dict[int, Tensor] = {}  # param index -> (n, *shape)
-        self.linear: list[tuple[int, Tensor, Tensor]] = []  # (index, a (n,L,i), g (n,L,o))
+        self.linear: list[tuple[int, Tensor, Tensor, bool]] = []  # (index, a (n,L,i), g (n,L,o), weight is (i,o))
         self.embedding: list[tuple[int, Tensor, Tensor, int]] = []  # (index, ids (n,L), g (n,L,d), rows)
 
     def add_materialized(self, index: int, grad: Tensor) -> None:
@@ -60,7 +78,7 @@ class GhostGrads(PerExampleGrads):
         sq = torch.zeros(n, dtype=torch.float32, device=self._device())
         for g in self.materialized.values():
             sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float32).square()
-        for _, a, g in self.linear:
+        for _, a, g, _ in self.linear:
             a, g = a.float(), g.float()
             sq += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
         for _, ids, g, _ in self.embedding:
@@ -73,9 +91,10 @@ class GhostGrads(PerExampleGrads):
         out: list[Optional[Tensor]] = [None] * self.num_params
         for i, g in self.materialized.items():
             out[i] = torch.einsum("i,i...->...", weights.to(g.dtype), g)
-        for i, a, g in self.linear:
-            wg = g * weights.to(g.dtype).view(-1, 1, 1)
-            out[i] = wg.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        for i, a, g, transposed in self.linear:
+            wg = (g * weights.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
+            flat_a = a.reshape(-1, a.shape[-1])
+            out[i] = flat_a.t() @ wg if transposed else wg.t() @ flat_a
         for i, ids, g, rows in self.embedding:
             wg = (g * weights.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
             out[i] = torch.zeros(rows, g.shape[-1], dtype=g.dtype, device=g.device).index_add_(0, ids.reshape(-1), wg)
@@ -84,7 +103,7 @@ class GhostGrads(PerExampleGrads):
     def _device(self) -> Optional[torch.device]:
         for t in self.materialized.values():
             return t.device
-        for _, a, _ in self.linear:
+        for _, a, _, _ in self.linear:
             return a.device
         for _, ids, _, _ in self.embedding:
             return ids.device
@@ -134,8 +153,8 @@ class GhostEngine(PerSampleGradEngine):
             label = f"{name or '<root>'} ({type(m).__name__})"
             if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.sparse or m.max_norm is not None):
                 problems.append(f"{label}: scale_grad_by_freq, sparse and max_norm embeddings have no ghost rule")
-            elif type(m) not in _GHOST and type(m) not in GradSampleHooks.GRAD_SAMPLERS:
-                problems.append(f"{label}: no ghost-clipping rule nor per-layer sampler for this layer type")
+            elif isinstance(m, nn.MultiheadAttention) or isinstance(m, nn.modules.rnn.RNNBase):
+                problems.append(f"{label}: takes several inputs or has internal state; no per-layer rule")
         return problems
 
     def attach(self, module: nn.Module) -> None:
@@ -222,16 +241,17 @@ class GhostEngine(PerSampleGradEngine):
                         "(e.g. pos_emb(torch.arange(T))); the 'ghost' engine cannot split it per example."
                     )
             single = len(cs) == 1 and all(uses[p] == 1 for p in own.values())
-            if single and type(m) is nn.Linear:
+            if single and (type(m) is nn.Linear or _is_conv1d(m)):
                 (inputs, g), = cs
                 a = inputs[0].reshape(n, -1, inputs[0].shape[-1])
                 g3 = g.reshape(n, -1, g.shape[-1])
                 if "weight" in own:
                     length = a.shape[1]
                     if length * length <= a.shape[2] * g3.shape[2]:
-                        out.linear.append((index[own["weight"]], a, g3))
+                        out.linear.append((index[own["weight"]], a, g3, _is_conv1d(m)))
                     else:  # long sequences, small layer: the gradient itself is smaller
-                        out.add_materialized(index[own["weight"]], torch.einsum("nli,nlo->noi", a, g3))
+                        spec = "nli,nlo->nio" if _is_conv1d(m) else "nli,nlo->noi"
+                        out.add_materialized(index[own["weight"]], torch.einsum(spec, a, g3))
                 if "bias" in own:
                     out.add_materialized(index[own["bias"]], g3.sum(dim=1))
             elif single and type(m) is nn.Embedding:
@@ -246,12 +266,19 @@ class GhostEngine(PerSampleGradEngine):
                     for key, gs in _per_example(m, inputs[0], g, n).items():
                         if key in own:
                             out.add_materialized(index[own[key]], gs.to(own[key].dtype))
-            else:
-                sampler = GradSampleHooks.GRAD_SAMPLERS.get(type(m))
-                if sampler is None:
-                    raise PerSampleGradientError(f"No per-example rule for layer type {type(m).__name__}.")
+            elif type(m) in GradSampleHooks.GRAD_SAMPLERS:
+                sampler = GradSampleHooks.GRAD_SAMPLERS[type(m)]
                 for inputs, g in cs:
                     for p, gs in sampler(m, [t for t in inputs if isinstance(t, Tensor)], g).items():
                         if p in index:
                             out.add_materialized(index[p], gs.to(p.dtype))
+            else:
+                for inputs, g in cs:
+                    if len(inputs) != 1:
+                        raise PerSampleGradientError(
+                            f"Layer {type(m).__name__} takes {len(inputs)} inputs; the 'ghost' engine's per-layer "
+                            "fallback handles single-input layers only."
+                        )
+                    for key, gs in _layer_per_example(m, inputs[0], g, own).items():
+                        out.add_materialized(index[own[key]], gs.to(own[key].dtype))
         return out
