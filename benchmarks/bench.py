@@ -37,7 +37,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "gpt-d256-T128": {"kind": "gpt", "d": 256, "T": 128, "layers": 2, "heads": 4, "vocab": 256, "batch": 64},
     "digits-mlp": {"kind": "mlp", "batch": 64},
 }
-MODES = ["lightning", "dp-hooks", "dp-functorch", "dp-loop", "opacus"]
+MODES = ["lightning", "dp-ghost", "dp-hooks", "dp-functorch", "dp-loop", "opacus"]
+SWEEP_BATCHES = [16, 32, 64, 128]  # memory against batch size, d=128 GPT
 
 
 # --------------------------------------------------------------------------- models
@@ -144,10 +145,13 @@ class Meter:
         return time.perf_counter()
 
 
-def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
+def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.device,
+            batch: int | None = None) -> dict[str, Any]:
     import lightning as L
 
-    cfg = MODELS[model_name]
+    cfg = dict(MODELS[model_name])
+    if batch:
+        cfg["batch"] = batch
     torch.manual_seed(0)
     net, ds, loss_fn = build(cfg)
     meter = Meter(device)
@@ -238,14 +242,25 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args()
     steps = args.steps or (3 if args.quick else 10)
     warmup = 2
     if args.one:
-        res = run_one(args.one[0], args.one[1], steps, warmup, torch.device(args.device))
+        res = run_one(args.one[0], args.one[1], steps, warmup, torch.device(args.device), args.batch)
         print("RESULT " + json.dumps(res))
         return
+
+    def measure(model: str, mode: str, batch: int | None = None) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--one", model, mode, "--device", args.device, "--steps", str(steps)]
+        if batch:
+            cmd += ["--batch", str(batch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            return {"error": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:120]}
+        return json.loads(line[7:])
 
     models = ["gpt-d128-T64", "digits-mlp"] if args.quick else list(MODELS)
     rows = []
@@ -255,14 +270,7 @@ def main() -> None:
             if mode == "dp-loop" and model == "gpt-d256-T128":
                 results[mode] = {"skipped": "one backward per example: minutes per step here"}
                 continue
-            cmd = [sys.executable, __file__, "--one", model, mode, "--device", args.device, "--steps", str(steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                results[mode] = {"error": err[:120]}
-            else:
-                results[mode] = json.loads(line[7:])
+            results[mode] = measure(model, mode)
             print(model, mode, results[mode], flush=True)
         base = results["lightning"]
         for mode in MODES:
@@ -280,11 +288,25 @@ def main() -> None:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
     print(table)
+
+    sweep_modes = ["lightning", "dp-ghost", "dp-hooks"]
+    sweep = ["| batch | " + " | ".join(f"{m} peak MB" for m in sweep_modes) + " | ghost / non-private | hooks / non-private |",
+             "|" + "---|" * (len(sweep_modes) + 3)]
+    for batch in [] if args.quick else SWEEP_BATCHES:
+        res = {m: measure("gpt-d128-T64", m, batch) for m in sweep_modes}
+        print("sweep", batch, res, flush=True)
+        mb = {m: res[m].get("peak_mb", float("nan")) for m in sweep_modes}
+        sweep.append(f"| {batch} | " + " | ".join(f"{mb[m]:.0f}" for m in sweep_modes)
+                     + f" | {mb['dp-ghost'] / mb['lightning']:.2f}x | {mb['dp-hooks'] / mb['lightning']:.2f}x |")
+    sweep_table = "\n".join(sweep) if len(sweep) > 2 else ""
+    if sweep_table:
+        print(sweep_table)
     Path(args.out).write_text(
         "# Benchmark results\n\n"
         f"Machine: {machine()}. Device: {args.device}. {steps} timed steps after {warmup} warm-up, expected "
         "batch 64, noise 1.0, C = 1.0. Produced by `python benchmarks/bench.py"
         f"{' --quick' if args.quick else ''}`.\n\n{table}\n"
+        + (f"\n## Peak memory against the expected batch size (gpt-d128-T64)\n\n{sweep_table}\n" if sweep_table else "")
     )
 
 

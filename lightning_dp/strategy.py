@@ -379,13 +379,14 @@ class DPStrategy(SingleDeviceStrategy):
         mechanism = GaussianMechanism(params, self.max_grad_norm, self.secure_mode)
         output: Any = None
         loss_sum: Optional[Tensor] = None
-        for chunk, size in zip(batch.chunks, batch.sizes):
-            _point_logging_at(module, chunk)
-            output, loss, grads = self.engine.compute(
-                lambda b: self._run_training_step(b, *rest, **kwargs), chunk, params, size, self.loss_reduction
-            )
-            mechanism.add(grads)
-            loss_sum = loss * size if loss_sum is None else loss_sum + loss * size
+        with _logged_once_per_step(module) as logs:
+            for chunk, size in zip(batch.chunks, batch.sizes):
+                logs.chunk_size = size
+                output, loss, grads = self.engine.compute(
+                    lambda b: self._run_training_step(b, *rest, **kwargs), chunk, params, size, self.loss_reduction
+                )
+                mechanism.add(grads)
+                loss_sum = loss * size if loss_sum is None else loss_sum + loss * size
         self._mechanism = mechanism
         self._pending = batch
         if loss_sum is None:
@@ -460,13 +461,38 @@ def _loss(output: Any) -> Optional[Tensor]:
     raise TypeError(f"training_step must return a loss tensor, a dict with 'loss', or None; got {type(output).__name__}")
 
 
-def _point_logging_at(module: pl.LightningModule, chunk: Any) -> None:
-    """Let ``self.log`` infer the batch size from the chunk ``training_step`` sees (Lightning
-    would otherwise look inside the PoissonBatch wrapper)."""
-    results = module.trainer._results
-    if results is not None:
-        results.batch = chunk
-        results.batch_size = None
+class _StepLogs:
+    """``self.log`` calls made while a Poisson batch runs chunk by chunk, replayed once for
+    the whole batch: each value as the mean over chunks weighted by their example counts."""
+
+    def __init__(self) -> None:
+        self.chunk_size = 0
+        self.calls: dict[str, list[tuple[Any, float, dict[str, Any]]]] = {}
+
+    def record(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if args:
+            raise TypeError("DPStrategy: pass self.log options by keyword (prog_bar=..., on_step=...)")
+        weight = kwargs.pop("batch_size", None) or self.chunk_size
+        self.calls.setdefault(name, []).append((value, float(weight), kwargs))
+
+    def replay(self, module: pl.LightningModule) -> None:
+        for name, calls in self.calls.items():
+            value, _, kwargs = calls[-1]
+            total = sum(w for _, w, _ in calls)
+            if len(calls) > 1 and all(isinstance(v, (Tensor, int, float)) for v, _, _ in calls):
+                value = sum(torch.as_tensor(v, dtype=torch.float32).detach() * (w / total) for v, w, _ in calls)
+            module.log(name, value, batch_size=int(total), **kwargs)
+
+
+@contextmanager
+def _logged_once_per_step(module: pl.LightningModule) -> Iterator[_StepLogs]:
+    logs = _StepLogs()
+    module.log = logs.record  # type: ignore[method-assign]  # log_dict calls self.log too
+    try:
+        yield logs
+    finally:
+        del module.log
+    logs.replay(module)
 
 
 @contextmanager

@@ -71,6 +71,35 @@ class CausalTransformer(LM):
         return self.encoder(h, mask=mask, is_causal=True)
 
 
+class FullTransformer(LM):
+    """nn.Transformer (encoder and decoder) with a causal target mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = nn.Transformer(D, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                                          dim_feedforward=32, dropout=0.0, batch_first=True)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device)
+        return self.transformer(h, h, src_mask=mask, tgt_mask=mask, memory_mask=mask,
+                                src_is_causal=True, tgt_is_causal=True, memory_is_causal=True)
+
+
+class BufferAndNoGrad(LM):
+    """Reads a buffer, and computes part of the step under torch.no_grad (a detached target
+    scale), as ordinary training code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("temperature", torch.tensor(2.0))
+        self.mix = nn.Linear(D, D)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # a per-example statistic: a batch-wide one would mix examples
+            scale = h.detach().abs().mean(dim=(1, 2), keepdim=True) + 1.0
+        return self.mix(h / self.temperature) * scale
+
+
 class CausalAttention(LM):
     def __init__(self) -> None:
         super().__init__()
@@ -166,6 +195,8 @@ CASES = [
     (NanoGPT, token_data, "functorch"),
     (CausalTransformer, token_data, "functorch"),
     (CausalAttention, token_data, "functorch"),
+    (FullTransformer, token_data, "functorch"),
+    (BufferAndNoGrad, token_data, "ghost"),
     (LSTMLM, token_data, "functorch"),
     (GRULM, token_data, "loop"),  # vmap has no batching rule that works for nn.GRU
     (TiedLM, token_data, "functorch"),

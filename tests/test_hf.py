@@ -55,9 +55,10 @@ class CausalLM(L.LightningModule):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("max_physical", [None, 3])
 @pytest.mark.parametrize("build, engine", [(gpt2, "functorch"), (llama, "ghost"), (llama_lora, "ghost")],
                          ids=["gpt2", "llama", "llama-lora"])
-def test_hf_causal_lm_gets_the_exact_dp_update(build, engine) -> None:
+def test_hf_causal_lm_gets_the_exact_dp_update(build, engine, max_physical) -> None:
     c, b = 0.05, 8
     model, reference = CausalLM(build), CausalLM(build)
     reference.load_state_dict(model.state_dict())
@@ -66,7 +67,8 @@ def test_hf_causal_lm_gets_the_exact_dp_update(build, engine) -> None:
         assert trainable and all("lora_" in n for n in trainable)  # the frozen base gets nothing
     before = snapshot(model)
     rec = Batches()
-    t = trainer(max_steps=1, callbacks=[rec], strategy=DPStrategy(max_grad_norm=c, noise_multiplier=0.0))
+    t = trainer(max_steps=1, callbacks=[rec], strategy=DPStrategy(max_grad_norm=c, noise_multiplier=0.0,
+                                                                     max_physical_batch_size=max_physical))
     data = TensorDataset(torch.randint(0, VOCAB, (32, 9), generator=torch.Generator().manual_seed(2)))
     with pytest.warns(UserWarning, match="NOT differentially private"):
         t.fit(model, DataLoader(data, batch_size=b, shuffle=True))

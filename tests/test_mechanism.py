@@ -194,3 +194,39 @@ def test_any_optimizer_and_lr_scheduler_step_as_usual() -> None:
     assert isinstance(opt, torch.optim.Adam)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
     assert all(opt.state[p]["step"] == 24 for p in model.parameters())
+
+
+class StepLogger(Classifier):
+    records: list[tuple[float, int]] = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.records = []
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        x, y = batch
+        loss = self.loss(x, y)
+        self.records.append((loss.item(), len(x)))
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        self.log_dict({"examples_in_chunk": float(len(x))})
+        return loss
+
+
+def test_logs_from_chunks_are_logged_once_per_step_for_the_whole_batch() -> None:
+    seen: list[tuple[float, float, float]] = []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch.size:
+                recs = pl_module.records
+                mean = sum(v * n for v, n in recs) / sum(n for _, n in recs)
+                seen.append((float(trainer.callback_metrics["train_loss"]), mean, len(recs)))
+                assert float(trainer.callback_metrics["examples_in_chunk"]) == pytest.approx(
+                    sum(n * n for _, n in recs) / sum(n for _, n in recs))
+
+    model = StepLogger(lr=0.1)
+    t = trainer(max_steps=4, callbacks=[Watch()], strategy=DPStrategy(noise_multiplier=1.0, max_physical_batch_size=3))
+    with pytest.warns(UserWarning):
+        t.fit(model, loader(make_dataset(n=64), batch_size=8))
+    assert seen and any(k > 1 for _, _, k in seen)  # several chunks per step ...
+    for logged, mean, _ in seen:
+        assert logged == pytest.approx(mean, rel=1e-5)  # ... one value: the whole batch's

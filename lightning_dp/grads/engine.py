@@ -119,14 +119,19 @@ def param_names(module: nn.Module) -> dict[nn.Parameter, str]:
 @contextmanager
 def silenced_logging(module: nn.Module) -> Iterator[None]:
     """Turn a LightningModule's ``self.log``/``self.log_dict`` into no-ops: for passes of
-    ``training_step`` that are not the step itself (the check, the per-example vmap)."""
-    if not hasattr(module, "log") or "log" in vars(module):  # not a LightningModule, or already silenced
+    ``training_step`` that are not the step itself (the check, the per-example vmap).
+    Nests: whatever ``log`` was patched in before is put back afterwards."""
+    if not hasattr(module, "log"):
         yield
         return
+    saved = {k: vars(module)[k] for k in ("log", "log_dict") if k in vars(module)}
     module.log = lambda *a, **k: None  # type: ignore[method-assign]
     module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
     try:
         yield
     finally:
-        del module.log
-        del module.log_dict
+        for k in ("log", "log_dict"):
+            if k in saved:
+                setattr(module, k, saved[k])
+            else:
+                delattr(module, k)
