@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -62,18 +62,32 @@ class GaussianMechanism:
         return norms
 
     @torch.no_grad()
-    def release(self, noise_multiplier: float, expected_batch_size: float) -> None:
+    def release(
+        self,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        add_noise: bool = True,
+        all_reduce: Optional[Callable[[list[Tensor]], None]] = None,
+    ) -> None:
         """Write ``(sum + N(0, (sigma*C)^2)) / expected_batch_size`` into each ``param.grad``
-        and reset the sum. Runs once per step, also when the batch was empty."""
+        and reset the sum. Runs once per step, also when the batch was empty.
+
+        With several processes, each passes ``all_reduce`` (an in-place sum over processes)
+        and exactly one passes ``add_noise=True``: the noise enters the global sum once."""
         std = noise_multiplier * self.max_grad_norm
         generator = None
-        if self.secure_mode:
+        if self.secure_mode and add_noise:
             device = self.params[0].device if self.params else torch.device("cpu")
             generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        totals = []
         for i, p in enumerate(self.params):
             total = self._sums[i] if self._sums[i] is not None else torch.zeros_like(p)
-            if std > 0:
+            if add_noise and std > 0:
                 total = total + _gaussian(std, p, generator, self.secure_mode)
+            totals.append(total)
+        if all_reduce is not None:
+            all_reduce(totals)
+        for p, total in zip(self.params, totals):
             p.grad = (total / expected_batch_size).to(p.dtype)
         self.reset()
 

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import (
     DataLoader,
     IterableDataset,
+    DistributedSampler,
     RandomSampler,
     Sampler,
     SequentialSampler,
@@ -89,6 +90,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         steps: int,
         generator: Optional[torch.Generator] = None,
         secure_mode: bool = False,
+        indices: Optional[Sequence[int]] = None,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -101,6 +103,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.steps = steps
         self.generator = generator
         self.secure_mode = secure_mode
+        # The dataset indices the draws range over (this process's shard); all by default.
+        self.indices = None if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        if self.indices is not None and len(self.indices) != num_samples:
+            raise ValueError("indices must list num_samples dataset indices")
 
     def __len__(self) -> int:
         return self.steps
@@ -111,7 +117,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
             if self.secure_mode:
                 generator = torch.Generator().manual_seed(secrets.randbits(63))
             mask = torch.rand(self.num_samples, generator=generator) < self.sample_rate
-            yield mask.nonzero(as_tuple=True)[0].tolist()
+            chosen = mask.nonzero(as_tuple=True)[0]
+            yield (chosen if self.indices is None else self.indices[chosen]).tolist()
 
 
 class _PoissonCollate:
@@ -148,12 +155,19 @@ def poisson_dataloader(
     dataloader: DataLoader,
     max_physical_batch_size: Optional[int] = None,
     secure_mode: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    generator: Optional[torch.Generator] = None,
 ) -> DataLoader:
     """Rebuild ``dataloader`` so each batch is a Poisson sample of its dataset.
 
-    The sampling rate is ``q = batch_size / len(dataset)`` and an epoch has
-    ``ceil(len(dataset) / batch_size)`` draws, the length of the original loader. The
-    dataset, ``collate_fn``, worker settings, pinning and generator are kept.
+    The sampling rate is ``q = world_size * batch_size / len(dataset)`` and an epoch has
+    ``ceil(len(dataset) / (world_size * batch_size))`` draws, the length of the original loader
+    (of each process's share of it). With several processes, process ``rank`` samples the
+    disjoint shard ``rank, rank + world_size, ...`` at rate ``q``, so the union over processes
+    is a Poisson sample of the whole dataset. The dataset, ``collate_fn``, worker settings and
+    pinning are kept; draws use ``generator`` if given, else the loader's, else torch's global
+    generator.
 
     Raises:
         TypeError: for an ``IterableDataset`` or a dataset without ``__len__``.
@@ -179,7 +193,9 @@ def poisson_dataloader(
             "from it: pass DataLoader(dataset, batch_size=B) and drop the batch_sampler."
         )
     sampler = dataloader.sampler
-    if type(sampler) not in (RandomSampler, SequentialSampler):
+    if world_size > 1 and isinstance(sampler, DistributedSampler):
+        pass  # injected by Lightning for DDP; the Poisson shard replaces it
+    elif type(sampler) not in (RandomSampler, SequentialSampler):
         raise ValueError(
             f"The training DataLoader uses a {type(sampler).__name__}; DP training replaces the "
             "sampler with Poisson sampling over the whole dataset, which would train on examples "
@@ -195,27 +211,29 @@ def poisson_dataloader(
     num_samples = len(dataset)  # type: ignore[arg-type]
     if num_samples == 0:
         raise ValueError("The training dataset is empty.")
-    if batch_size > num_samples:
+    if world_size * batch_size > num_samples:
         raise ValueError(
-            f"batch_size={batch_size} exceeds the training set ({num_samples} examples); the "
-            "sampling rate q = batch_size / len(dataset) must be at most 1."
+            f"batch_size={batch_size} x {world_size} process(es) exceeds the training set ({num_samples} examples); "
+            "the sampling rate q = processes * batch_size / len(dataset) must be at most 1."
         )
     if max_physical_batch_size is not None and max_physical_batch_size <= 0:
         raise ValueError(f"max_physical_batch_size must be positive, got {max_physical_batch_size}")
 
-    sample_rate = batch_size / num_samples
+    sample_rate = world_size * batch_size / num_samples
+    shard = range(rank, num_samples, world_size)
     batch_sampler = PoissonBatchSampler(
-        num_samples=num_samples,
+        num_samples=len(shard),
         sample_rate=sample_rate,
-        steps=math.ceil(num_samples / batch_size),
-        generator=dataloader.generator,
+        steps=math.ceil(num_samples / (world_size * batch_size)),
+        generator=generator if generator is not None else dataloader.generator,
         secure_mode=secure_mode,
+        indices=shard if world_size > 1 else None,
     )
     collate = _PoissonCollate(
         dataloader.collate_fn or default_collate,
         max_physical_batch_size,
         sample_rate,
-        expected_size=float(batch_size),
+        expected_size=float(world_size * batch_size),  # q * N: the global expected batch
     )
     extra: dict[str, Any] = {}
     if dataloader.num_workers > 0:

@@ -51,7 +51,360 @@ _EMPTY_STEP_WARNING = re.escape("`training_step` returned `None`")
 _CHECK_EXAMPLES = 4
 
 
-class DPStrategy(SingleDeviceStrategy):
+class _PrivateTraining:
+    """The DP-SGD mechanism wired into a Lightning strategy's hooks; mixed into
+    :class:`DPStrategy` (one device) and :class:`~lightning_dp.DPDDPStrategy` (many processes)."""
+
+    lightning_module: Any
+    precision_plugin: Any
+
+    def _init_private(
+        self,
+        max_grad_norm: float,
+        noise_multiplier: Optional[float],
+        max_physical_batch_size: Optional[int],
+        secure_mode: bool,
+        loss_reduction: LossReduction,
+        engine: str,
+        check_per_sample_grads: bool,
+        replace_batch_norm: bool,
+    ) -> None:
+        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a number > 0, got {max_grad_norm!r}")
+        if noise_multiplier is not None and not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0):
+            raise ValueError(f"noise_multiplier must be a number >= 0 or None, got {noise_multiplier!r}")
+        if max_physical_batch_size is not None and not (
+            isinstance(max_physical_batch_size, int) and max_physical_batch_size > 0
+        ):
+            raise ValueError(f"max_physical_batch_size must be a positive int or None, got {max_physical_batch_size!r}")
+        if engine != "auto" and engine not in ENGINES:
+            raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.max_grad_norm = float(max_grad_norm)
+        self.requested_noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
+        self.noise_multiplier: Optional[float] = self.requested_noise_multiplier
+        self.max_physical_batch_size = max_physical_batch_size
+        self.secure_mode = secure_mode
+        self.loss_reduction: LossReduction = loss_reduction
+        self.check_per_sample_grads = check_per_sample_grads
+        self.replace_batch_norm = replace_batch_norm
+        self.engine_name = engine
+        #: The engine computing per-sample gradients, chosen at fit start.
+        self.engine: Optional[PerSampleGradEngine] = None
+        #: The ledger of every noisy step this strategy took (shared with PrivacyBudget).
+        self.history = PrivacyHistory()
+        self.budget: Optional[PrivacyBudget] = None
+        self.train_dataloader: Optional[DataLoader] = None
+        self._mechanism: Optional[GaussianMechanism] = None
+        self._pending: Optional[PoissonBatch] = None
+        self._dp_fitting = False
+        self._sampling_generator: Optional[torch.Generator] = None
+
+    # ------------------------------------------------------------------ multi-process hooks
+    def _shard(self) -> tuple[int, int]:
+        """(this process's rank, number of processes) for sampling."""
+        return 0, 1
+
+    def _all_reduce(self, tensors: list[Tensor]) -> None:
+        """Sum ``tensors`` in place over processes (nothing to do on one)."""
+
+    @property
+    def _adds_noise(self) -> bool:
+        """Whether this process adds the step's noise (exactly one process does)."""
+        return True
+
+    def _empty_step_output(self) -> Any:
+        return None
+
+    # ------------------------------------------------------------------ setup
+    def connect(self, model: pl.LightningModule) -> None:
+        super().connect(model)
+        # Replace before a checkpoint is restored into the module, so its GroupNorm weights load.
+        self._replace_batch_norm(model)
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_trainer(trainer)
+            module = self.lightning_module
+            assert module is not None
+            self._replace_batch_norm(module)  # layers built in configure_model
+            problems = unsupported_layers(module)
+            if self.engine_name != "auto":
+                problems += make_engine(self.engine_name).unsupported(module)
+            if problems:
+                raise UnsupportedModuleError(
+                    "DPStrategy cannot train this model as it is:\n  - " + "\n  - ".join(problems)
+                )
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._dp_fitting = True
+            warnings.filterwarnings("ignore", message=_EMPTY_STEP_WARNING)
+
+    def _replace_batch_norm(self, module: nn.Module) -> None:
+        if self.replace_batch_norm:
+            replaced = replace_batch_norm(module)
+            if replaced:
+                rank_zero_info(f"DPStrategy: replaced BatchNorm by GroupNorm in {', '.join(replaced)}.")
+
+    def _check_trainer(self, trainer: pl.Trainer) -> None:
+        module = self.lightning_module
+        assert module is not None
+        if not module.automatic_optimization:
+            raise ValueError(
+                "DPStrategy supports automatic optimization only: this LightningModule sets "
+                "automatic_optimization = False. Let Lightning call backward and step."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported "
+                "with DP: gradient accumulation breaks Poisson sampling (each accumulated batch would be "
+                "a separate draw normalised twice). For large logical batches in bounded memory use a "
+                "larger DataLoader batch_size with DPStrategy(max_physical_batch_size=...)."
+            )
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the already noised, "
+                "averaged gradient, not each example's. Remove it and set DPStrategy(max_grad_norm=...)."
+            )
+        precision = self.precision_plugin
+        if isinstance(precision, MixedPrecision) and precision.scaler is not None:
+            raise ValueError(
+                "precision='16-mixed' uses a gradient scaler that DP-SGD's per-sample gradients bypass. "
+                "Use precision='bf16-mixed' or '32-true'."
+            )
+
+    # ------------------------------------------------------------------ data
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or trainer.state.stage != RunningStage.TRAINING or not self._dp_fitting:
+            return dataloader  # validation, test and predict loaders stay exactly as they are
+        if is_poisson_dataloader(dataloader):
+            self.train_dataloader = dataloader  # type: ignore[assignment]
+            return dataloader
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(
+                f"DP training needs a torch DataLoader to Poisson-sample, got {type(dataloader).__name__}."
+            )
+        rank, world_size = self._shard()
+        if self._sampling_generator is None and world_size > 1:
+            # Each process needs its own draws (seed_everything gives all the same seed, and
+            # identical masks over the shards would not be independent Poisson samples); one
+            # generator per fit, so reloaded loaders continue its stream instead of replaying it.
+            seed = int(torch.randint(0, 2**62, (1,)).item()) + 7919 * rank
+            self._sampling_generator = torch.Generator().manual_seed(seed)
+        self.train_dataloader = poisson_dataloader(
+            dataloader, self.max_physical_batch_size, self.secure_mode, rank=rank, world_size=world_size,
+            generator=self._sampling_generator,
+        )
+        return self.train_dataloader
+
+    @property
+    def sample_rate(self) -> float:
+        """The Poisson sampling rate ``q`` of the training loader."""
+        if self.train_dataloader is None:
+            raise RuntimeError("The training loader has not been set up yet.")
+        return self.train_dataloader.batch_sampler.sample_rate  # type: ignore[union-attr]
+
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        if not isinstance(batch, PoissonBatch):
+            return super().batch_to_device(batch, device, dataloader_idx)
+        # The user's transfer hooks expect their own batch format: apply them per chunk.
+        to_device = super().batch_to_device  # type: ignore[misc]
+        return PoissonBatch(
+            chunks=tuple(to_device(c, device, dataloader_idx) for c in batch.chunks),
+            sizes=batch.sizes,
+            sample_rate=batch.sample_rate,
+            expected_size=batch.expected_size,
+        )
+
+    # ------------------------------------------------------------------ the step
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.noise_multiplier is None:
+            raise ValueError(
+                "DPStrategy(noise_multiplier=None) asks for the noise to be calibrated, but no "
+                "PrivacyBudget callback is attached. Add callbacks=[PrivacyBudget(epsilon=..., "
+                "delta=...)] or set noise_multiplier."
+            )
+        if self.noise_multiplier == 0:
+            rank_zero_warn("DPStrategy: noise_multiplier=0 adds no noise; this run is NOT differentially private.")
+        if self.budget is None:
+            rank_zero_warn(
+                "DPStrategy is training without a PrivacyBudget callback: the mechanism runs, but nothing "
+                "tracks, logs or limits the privacy spent."
+            )
+        if not self.check_per_sample_grads:
+            rank_zero_warn(
+                "DPStrategy(check_per_sample_grads=False): per-sample gradients are not verified for this "
+                "model; if they are wrong, the privacy guarantee does not hold."
+            )
+        self._choose_engine()
+
+    def _choose_engine(self) -> None:
+        """Attach the engine to train with: the one named, or with ``"auto"`` the first whose
+        per-sample gradients pass the check on this model."""
+        module = self.lightning_module
+        assert module is not None
+        if self.engine is not None:
+            self.engine.detach()
+        self.engine = None
+        rejected: dict[str, str] = {}
+        for name in ENGINES if self.engine_name == "auto" else (self.engine_name,):
+            engine = make_engine(name, self.loss_reduction)
+            problems = engine.unsupported(module)
+            if problems:
+                rejected[name] = "; ".join(problems)
+                continue
+            engine.attach(module)
+            try:
+                verified = self._check(engine) if self.check_per_sample_grads else "not verified"
+            except PerSampleGradientMismatch as err:
+                engine.detach()
+                if self.engine_name != "auto":
+                    raise
+                rejected[name] = str(err)
+                continue
+            self.engine = engine
+            passed_over = "".join(f"\n  - '{n}' passed over: {why}" for n, why in rejected.items())
+            rank_zero_info(f"DPStrategy: per-sample gradients by the '{name}' engine ({verified}).{passed_over}")
+            return
+        raise PerSampleGradientMismatch(
+            "No per-sample gradient engine computes exact per-example gradients for this model:\n"
+            + "\n".join(f"  - '{n}': {why}" for n, why in rejected.items())
+        )
+
+    def _check(self, engine: PerSampleGradEngine) -> str:
+        module = self.lightning_module
+        loader = self.train_dataloader
+        assert module is not None
+        if loader is None:
+            return "no training data to verify on"
+        n = min(_CHECK_EXAMPLES, len(loader.dataset), self.max_physical_batch_size or _CHECK_EXAMPLES)  # type: ignore[arg-type]
+
+        plain_batch_to_device = super().batch_to_device  # type: ignore[misc]
+
+        def batch_of(indices: Any) -> Any:
+            return plain_batch_to_device(collate_examples(loader, indices))
+
+        start = time.perf_counter()
+        with _train_mode(module), silenced_logging(module):
+            worst = check_per_sample_grads(
+                engine, module, _trainable(module), batch_of, lambda b: self._run_training_step(b, 0),
+                list(range(n)), self.loss_reduction,
+            )
+        return (
+            f"verified against one-example backward passes on {n} training examples: largest relative error "
+            f"{worst:.1e}, in {time.perf_counter() - start:.2f} s"
+        )
+
+    def _run_training_step(self, batch: Any, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
+        module = self.lightning_module
+        assert module is not None
+        with self.precision_plugin.train_step_context():
+            output = module.training_step(batch, *args, **kwargs)
+        loss = _loss(output)
+        if loss is None:
+            raise RuntimeError(
+                "training_step returned None on a non-empty batch. Under DP every sampled batch must "
+                "produce a step: skipping one depending on the data would itself leak information."
+            )
+        return output, loss
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.pop("batch")
+        rest = args[1:]
+        if not isinstance(batch, PoissonBatch):
+            raise RuntimeError(
+                "DPStrategy received a training batch that was not Poisson-sampled "
+                f"({type(batch).__name__}); the privacy guarantee would not hold. Batches must come from "
+                "the training DataLoader that DPStrategy.process_dataloader prepared."
+            )
+        if self.noise_multiplier is None:
+            raise RuntimeError("DPStrategy has no noise multiplier in force; see on_train_start's error.")
+        if self._pending is not None:
+            raise RuntimeError("A private gradient was computed but never released by an optimizer step.")
+        if self.budget is not None:
+            self.budget.ensure_step_allowed(self.lightning_module.trainer)
+        module = self.lightning_module
+        assert module is not None and self.engine is not None
+        params = _trainable(module)
+        mechanism = GaussianMechanism(params, self.max_grad_norm, self.secure_mode)
+        output: Any = None
+        loss_sum: Optional[Tensor] = None
+        with _logged_once_per_step(module) as logs:
+            for chunk, size in zip(batch.chunks, batch.sizes):
+                logs.chunk_size = size
+                output, loss, grads = self.engine.compute(
+                    lambda b: self._run_training_step(b, *rest, **kwargs), chunk, params, size, self.loss_reduction
+                )
+                mechanism.add(grads)
+                loss_sum = loss * size if loss_sum is None else loss_sum + loss * size
+        self._mechanism = mechanism
+        self._pending = batch
+        if loss_sum is None:
+            return self._empty_step_output()  # empty draw: no training_step, but the noise-only step still happens
+        mean_loss = loss_sum / batch.size
+        if isinstance(output, Mapping):  # the last chunk's extra outputs, with the batch's mean loss
+            return {**output, "loss": mean_loss}
+        return mean_loss
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if not self._dp_fitting:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        # The per-example backward passes already ran in training_step; keep the hooks' order.
+        module = self.lightning_module
+        assert module is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        if not self._dp_fitting:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        calls = 0
+
+        def private_closure() -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} evaluates its closure more than once per step (like LBFGS); "
+                    "each evaluation would be a separate release of private data. Use a first-order "
+                    "optimizer with DP training."
+                )
+            result = closure()
+            self._release()
+            return result
+
+        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+
+    def _release(self) -> None:
+        batch, mechanism = self._pending, self._mechanism
+        if batch is None or mechanism is None:
+            raise RuntimeError("The optimizer stepped without a private gradient from DPStrategy.training_step.")
+        assert self.noise_multiplier is not None
+        mechanism.release(self.noise_multiplier, batch.expected_size, add_noise=self._adds_noise,
+                          all_reduce=self._all_reduce)
+        self.history.record(self.noise_multiplier, batch.sample_rate)
+        self._pending = self._mechanism = None
+
+    # ------------------------------------------------------------------ teardown
+    def teardown(self) -> None:
+        if self._dp_fitting:
+            if self.engine is not None:
+                self.engine.detach()
+            self._dp_fitting = False
+            self._pending = self._mechanism = None
+            self._sampling_generator = None
+            _remove_warning_filter(_EMPTY_STEP_WARNING)
+        super().teardown()
+
+
+class DPStrategy(_PrivateTraining, SingleDeviceStrategy):
     r"""Differentially private training (DP-SGD) on one device.
 
     Every training batch is a Poisson sample of the training set; each example's gradient
@@ -124,18 +477,6 @@ class DPStrategy(SingleDeviceStrategy):
         checkpoint_io: Optional[CheckpointIO] = None,
         precision_plugin: Optional[Precision] = None,
     ) -> None:
-        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a number > 0, got {max_grad_norm!r}")
-        if noise_multiplier is not None and not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be a number >= 0 or None, got {noise_multiplier!r}")
-        if max_physical_batch_size is not None and not (
-            isinstance(max_physical_batch_size, int) and max_physical_batch_size > 0
-        ):
-            raise ValueError(f"max_physical_batch_size must be a positive int or None, got {max_physical_batch_size!r}")
-        if engine != "auto" and engine not in ENGINES:
-            raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         super().__init__(
             device=device if device is not None else "cpu",
             accelerator=accelerator,
@@ -145,24 +486,10 @@ class DPStrategy(SingleDeviceStrategy):
         # Lightning's accelerator connector fills ``parallel_devices`` from Trainer(devices=...)
         # when the strategy leaves it empty: that is how an unpinned DPStrategy lands on the GPU.
         self.parallel_devices: Optional[list[torch.device]] = [torch.device(device)] if device is not None else None
-        self.max_grad_norm = float(max_grad_norm)
-        self.requested_noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
-        self.noise_multiplier: Optional[float] = self.requested_noise_multiplier
-        self.max_physical_batch_size = max_physical_batch_size
-        self.secure_mode = secure_mode
-        self.loss_reduction: LossReduction = loss_reduction
-        self.check_per_sample_grads = check_per_sample_grads
-        self.replace_batch_norm = replace_batch_norm
-        self.engine_name = engine
-        #: The engine computing per-sample gradients, chosen at fit start.
-        self.engine: Optional[PerSampleGradEngine] = None
-        #: The ledger of every noisy step this strategy took (shared with PrivacyBudget).
-        self.history = PrivacyHistory()
-        self.budget: Optional[PrivacyBudget] = None
-        self.train_dataloader: Optional[DataLoader] = None
-        self._mechanism: Optional[GaussianMechanism] = None
-        self._pending: Optional[PoissonBatch] = None
-        self._dp_fitting = False
+        self._init_private(
+            max_grad_norm, noise_multiplier, max_physical_batch_size, secure_mode, loss_reduction, engine,
+            check_per_sample_grads, replace_batch_norm,
+        )
 
     # ------------------------------------------------------------------ devices
     @property
@@ -171,282 +498,13 @@ class DPStrategy(SingleDeviceStrategy):
             return self.parallel_devices[0]
         return self._root_device
 
-    # ------------------------------------------------------------------ setup
-    def connect(self, model: pl.LightningModule) -> None:
-        super().connect(model)
-        # Replace before a checkpoint is restored into the module, so its GroupNorm weights load.
-        self._replace_batch_norm(model)
-
     def setup(self, trainer: pl.Trainer) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            if self.parallel_devices and len(self.parallel_devices) > 1:
-                raise ValueError(
-                    f"DPStrategy trains on one device but the Trainer was given {len(self.parallel_devices)}. "
-                    "Use Trainer(devices=1)."
-                )
-            self._check_trainer(trainer)
-            module = self.lightning_module
-            assert module is not None
-            self._replace_batch_norm(module)  # layers built in configure_model
-            problems = unsupported_layers(module)
-            if self.engine_name != "auto":
-                problems += make_engine(self.engine_name).unsupported(module)
-            if problems:
-                raise UnsupportedModuleError(
-                    "DPStrategy cannot train this model as it is:\n  - " + "\n  - ".join(problems)
-                )
+        if trainer.state.fn == TrainerFn.FITTING and self.parallel_devices and len(self.parallel_devices) > 1:
+            raise ValueError(
+                f"DPStrategy trains on one device but the Trainer was given {len(self.parallel_devices)}. "
+                "Use Trainer(devices=1), or DPDDPStrategy for several."
+            )
         super().setup(trainer)
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._dp_fitting = True
-            warnings.filterwarnings("ignore", message=_EMPTY_STEP_WARNING)
-
-    def _replace_batch_norm(self, module: nn.Module) -> None:
-        if self.replace_batch_norm:
-            replaced = replace_batch_norm(module)
-            if replaced:
-                rank_zero_info(f"DPStrategy: replaced BatchNorm by GroupNorm in {', '.join(replaced)}.")
-
-    def _check_trainer(self, trainer: pl.Trainer) -> None:
-        module = self.lightning_module
-        assert module is not None
-        if not module.automatic_optimization:
-            raise ValueError(
-                "DPStrategy supports automatic optimization only: this LightningModule sets "
-                "automatic_optimization = False. Let Lightning call backward and step."
-            )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported "
-                "with DP: gradient accumulation breaks Poisson sampling (each accumulated batch would be "
-                "a separate draw normalised twice). For large logical batches in bounded memory use a "
-                "larger DataLoader batch_size with DPStrategy(max_physical_batch_size=...)."
-            )
-        if trainer.gradient_clip_val:
-            raise ValueError(
-                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the already noised, "
-                "averaged gradient, not each example's. Remove it and set DPStrategy(max_grad_norm=...)."
-            )
-        precision = self.precision_plugin
-        if isinstance(precision, MixedPrecision) and precision.scaler is not None:
-            raise ValueError(
-                "precision='16-mixed' uses a gradient scaler that DP-SGD's per-sample gradients bypass. "
-                "Use precision='bf16-mixed' or '32-true'."
-            )
-
-    # ------------------------------------------------------------------ data
-    def process_dataloader(self, dataloader: object) -> object:
-        dataloader = super().process_dataloader(dataloader)
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or trainer.state.stage != RunningStage.TRAINING or not self._dp_fitting:
-            return dataloader  # validation, test and predict loaders stay exactly as they are
-        if is_poisson_dataloader(dataloader):
-            self.train_dataloader = dataloader  # type: ignore[assignment]
-            return dataloader
-        if not isinstance(dataloader, DataLoader):
-            raise TypeError(
-                f"DP training needs a torch DataLoader to Poisson-sample, got {type(dataloader).__name__}."
-            )
-        self.train_dataloader = poisson_dataloader(dataloader, self.max_physical_batch_size, self.secure_mode)
-        return self.train_dataloader
-
-    @property
-    def sample_rate(self) -> float:
-        """The Poisson sampling rate ``q`` of the training loader."""
-        if self.train_dataloader is None:
-            raise RuntimeError("The training loader has not been set up yet.")
-        return self.train_dataloader.batch_sampler.sample_rate  # type: ignore[union-attr]
-
-    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        if not isinstance(batch, PoissonBatch):
-            return super().batch_to_device(batch, device, dataloader_idx)
-        # The user's transfer hooks expect their own batch format: apply them per chunk.
-        return PoissonBatch(
-            chunks=tuple(super(DPStrategy, self).batch_to_device(c, device, dataloader_idx) for c in batch.chunks),
-            sizes=batch.sizes,
-            sample_rate=batch.sample_rate,
-            expected_size=batch.expected_size,
-        )
-
-    # ------------------------------------------------------------------ the step
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if self.noise_multiplier is None:
-            raise ValueError(
-                "DPStrategy(noise_multiplier=None) asks for the noise to be calibrated, but no "
-                "PrivacyBudget callback is attached. Add callbacks=[PrivacyBudget(epsilon=..., "
-                "delta=...)] or set noise_multiplier."
-            )
-        if self.noise_multiplier == 0:
-            rank_zero_warn("DPStrategy: noise_multiplier=0 adds no noise; this run is NOT differentially private.")
-        if self.budget is None:
-            rank_zero_warn(
-                "DPStrategy is training without a PrivacyBudget callback: the mechanism runs, but nothing "
-                "tracks, logs or limits the privacy spent."
-            )
-        if not self.check_per_sample_grads:
-            rank_zero_warn(
-                "DPStrategy(check_per_sample_grads=False): per-sample gradients are not verified for this "
-                "model; if they are wrong, the privacy guarantee does not hold."
-            )
-        self._choose_engine()
-
-    def _choose_engine(self) -> None:
-        """Attach the engine to train with: the one named, or with ``"auto"`` the first whose
-        per-sample gradients pass the check on this model."""
-        module = self.lightning_module
-        assert module is not None
-        if self.engine is not None:
-            self.engine.detach()
-        self.engine = None
-        rejected: dict[str, str] = {}
-        for name in ENGINES if self.engine_name == "auto" else (self.engine_name,):
-            engine = make_engine(name, self.loss_reduction)
-            problems = engine.unsupported(module)
-            if problems:
-                rejected[name] = "; ".join(problems)
-                continue
-            engine.attach(module)
-            try:
-                verified = self._check(engine) if self.check_per_sample_grads else "not verified"
-            except PerSampleGradientMismatch as err:
-                engine.detach()
-                if self.engine_name != "auto":
-                    raise
-                rejected[name] = str(err)
-                continue
-            self.engine = engine
-            passed_over = "".join(f"\n  - '{n}' passed over: {why}" for n, why in rejected.items())
-            rank_zero_info(f"DPStrategy: per-sample gradients by the '{name}' engine ({verified}).{passed_over}")
-            return
-        raise PerSampleGradientMismatch(
-            "No per-sample gradient engine computes exact per-example gradients for this model:\n"
-            + "\n".join(f"  - '{n}': {why}" for n, why in rejected.items())
-        )
-
-    def _check(self, engine: PerSampleGradEngine) -> str:
-        module = self.lightning_module
-        loader = self.train_dataloader
-        assert module is not None
-        if loader is None:
-            return "no training data to verify on"
-        n = min(_CHECK_EXAMPLES, len(loader.dataset), self.max_physical_batch_size or _CHECK_EXAMPLES)  # type: ignore[arg-type]
-
-        def batch_of(indices: Any) -> Any:
-            return super(DPStrategy, self).batch_to_device(collate_examples(loader, indices))
-
-        start = time.perf_counter()
-        with _train_mode(module), silenced_logging(module):
-            worst = check_per_sample_grads(
-                engine, module, _trainable(module), batch_of, lambda b: self._run_training_step(b, 0),
-                list(range(n)), self.loss_reduction,
-            )
-        return (
-            f"verified against one-example backward passes on {n} training examples: largest relative error "
-            f"{worst:.1e}, in {time.perf_counter() - start:.2f} s"
-        )
-
-    def _run_training_step(self, batch: Any, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
-        module = self.lightning_module
-        assert module is not None
-        with self.precision_plugin.train_step_context():
-            output = module.training_step(batch, *args, **kwargs)
-        loss = _loss(output)
-        if loss is None:
-            raise RuntimeError(
-                "training_step returned None on a non-empty batch. Under DP every sampled batch must "
-                "produce a step: skipping one depending on the data would itself leak information."
-            )
-        return output, loss
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        batch = args[0] if args else kwargs.pop("batch")
-        rest = args[1:]
-        if not isinstance(batch, PoissonBatch):
-            raise RuntimeError(
-                "DPStrategy received a training batch that was not Poisson-sampled "
-                f"({type(batch).__name__}); the privacy guarantee would not hold. Batches must come from "
-                "the training DataLoader that DPStrategy.process_dataloader prepared."
-            )
-        if self.noise_multiplier is None:
-            raise RuntimeError("DPStrategy has no noise multiplier in force; see on_train_start's error.")
-        if self._pending is not None:
-            raise RuntimeError("A private gradient was computed but never released by an optimizer step.")
-        if self.budget is not None:
-            self.budget.ensure_step_allowed(self.lightning_module.trainer)
-        module = self.lightning_module
-        assert module is not None and self.engine is not None
-        params = _trainable(module)
-        mechanism = GaussianMechanism(params, self.max_grad_norm, self.secure_mode)
-        output: Any = None
-        loss_sum: Optional[Tensor] = None
-        with _logged_once_per_step(module) as logs:
-            for chunk, size in zip(batch.chunks, batch.sizes):
-                logs.chunk_size = size
-                output, loss, grads = self.engine.compute(
-                    lambda b: self._run_training_step(b, *rest, **kwargs), chunk, params, size, self.loss_reduction
-                )
-                mechanism.add(grads)
-                loss_sum = loss * size if loss_sum is None else loss_sum + loss * size
-        self._mechanism = mechanism
-        self._pending = batch
-        if loss_sum is None:
-            return None  # empty draw: no training_step, but the noise-only step still happens
-        mean_loss = loss_sum / batch.size
-        if isinstance(output, Mapping):  # the last chunk's extra outputs, with the batch's mean loss
-            return {**output, "loss": mean_loss}
-        return mean_loss
-
-    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        if not self._dp_fitting:
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-        # The per-example backward passes already ran in training_step; keep the hooks' order.
-        module = self.lightning_module
-        assert module is not None
-        self.pre_backward(closure_loss)
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
-        self.post_backward(closure_loss)
-        return closure_loss
-
-    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        if not self._dp_fitting:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-        calls = 0
-
-        def private_closure() -> Any:
-            nonlocal calls
-            calls += 1
-            if calls > 1:
-                raise RuntimeError(
-                    f"{type(optimizer).__name__} evaluates its closure more than once per step (like LBFGS); "
-                    "each evaluation would be a separate release of private data. Use a first-order "
-                    "optimizer with DP training."
-                )
-            result = closure()
-            self._release()
-            return result
-
-        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
-
-    def _release(self) -> None:
-        batch, mechanism = self._pending, self._mechanism
-        if batch is None or mechanism is None:
-            raise RuntimeError("The optimizer stepped without a private gradient from DPStrategy.training_step.")
-        assert self.noise_multiplier is not None
-        mechanism.release(self.noise_multiplier, batch.expected_size)
-        self.history.record(self.noise_multiplier, batch.sample_rate)
-        self._pending = self._mechanism = None
-
-    # ------------------------------------------------------------------ teardown
-    def teardown(self) -> None:
-        if self._dp_fitting:
-            if self.engine is not None:
-                self.engine.detach()
-            self._dp_fitting = False
-            self._pending = self._mechanism = None
-            _remove_warning_filter(_EMPTY_STEP_WARNING)
-        super().teardown()
-
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
     # Recomputed every step: a parameter unfrozen by a callback must be clipped and noised too.
