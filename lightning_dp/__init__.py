@@ -5,7 +5,8 @@
 """
 
 from lightning_dp.budget import PrivacyBudget, PrivacyBudgetExhausted
+from lightning_dp.ddp import DPDDPStrategy
 from lightning_dp.strategy import DPStrategy
 
-__all__ = ["DPStrategy", "PrivacyBudget", "PrivacyBudgetExhausted"]
+__all__ = ["DPDDPStrategy", "DPStrategy", "PrivacyBudget", "PrivacyBudgetExhausted"]
 __version__ = "0.1.0"

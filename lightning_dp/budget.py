@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -17,7 +17,10 @@ from lightning_dp.accounting import (
     compute_epsilon,
     max_steps,
 )
-from lightning_dp.strategy import DPStrategy
+from lightning_dp.strategy import DPStrategy, _PrivateTraining
+
+if TYPE_CHECKING:
+    from lightning_dp.ddp import DPDDPStrategy
 
 __all__ = ["PrivacyBudget", "PrivacyBudgetExhausted"]
 
@@ -74,7 +77,7 @@ class PrivacyBudget(Callback):
         self.delta = float(delta)
         self.accountant: AccountantName = accountant
         self._ledger = PrivacyHistory()
-        self._strategy: Optional[DPStrategy] = None
+        self._strategy: Optional[DPStrategy | DPDDPStrategy] = None
         self._allowed_steps: Optional[int] = None
         self._planned_for: Optional[tuple[float, float]] = None  # (noise_multiplier, sample_rate)
         self._planned_end: float = math.inf  # the Trainer's last step
@@ -108,9 +111,10 @@ class PrivacyBudget(Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if not isinstance(strategy, DPStrategy):
+        if not isinstance(strategy, _PrivateTraining):
             raise ValueError(
-                f"PrivacyBudget needs Trainer(strategy=DPStrategy(...)) (or strategy='dp'), but the Trainer "
+                f"PrivacyBudget needs Trainer(strategy=DPStrategy(...)) or DPDDPStrategy (strategy='dp' or "
+                f"'dp_ddp'), but the Trainer "
                 f"uses {type(strategy).__name__}: the run would not be private and epsilon would be meaningless."
             )
         if strategy.history is not self._ledger:
@@ -160,12 +164,14 @@ class PrivacyBudget(Callback):
                 )
             except ValueError:  # the ledger alone spends the budget: no step is allowed
                 strategy.noise_multiplier = strategy.noise_multiplier or math.inf
-        sigma = strategy.noise_multiplier
+        # Every process computes the same plan; rank 0's is broadcast so they cannot diverge.
+        sigma = strategy.noise_multiplier = trainer.strategy.broadcast(strategy.noise_multiplier)
         assert sigma is not None
         limit = int(remaining) if math.isfinite(remaining) else None
         extra = 0 if math.isinf(sigma) else max_steps(
             self._ledger, sigma, q, self.epsilon, self.delta, self.accountant, limit=limit
         )
+        extra = trainer.strategy.broadcast(extra)
         self._allowed_steps = self._ledger.steps + extra
         self._planned_for = (sigma, q)
         self._planned_end = trainer.global_step + remaining

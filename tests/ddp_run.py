@@ -1,0 +1,97 @@
+"""One DDP scenario on 2 CPU processes (gloo), for tests/test_ddp.py.
+
+    python tests/ddp_run.py SCENARIO OUT_DIR
+
+Lightning's launcher re-runs this script for rank 1; each rank writes OUT_DIR/rank{r}.pt.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from torch import nn  # noqa: E402
+
+from conftest import Batches, Classifier, loader, make_dataset, snapshot  # noqa: E402
+from lightning_dp import DPDDPStrategy, PrivacyBudget  # noqa: E402
+
+
+class ZeroGrad(Classifier):
+    """Zero gradient for every example: the update is the noise alone."""
+
+    def __init__(self) -> None:
+        super().__init__(d=50)
+        self.net = nn.Linear(50, 200)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        x, _ = batch
+        return (self.net(torch.zeros_like(x)) * 0.0).mean()
+
+
+def main(scenario: str, out: Path) -> None:
+    warnings.simplefilter("ignore")
+    L.seed_everything(0, verbose=False)
+    rec = Batches()
+    callbacks: list[L.Callback] = [rec]
+    fit_kwargs: dict = {}
+    budget = None
+    n, b, d = 64, 8, 6
+    model: L.LightningModule = Classifier(lr=1.0)
+    if scenario == "update":
+        strategy = DPDDPStrategy(max_grad_norm=0.1, noise_multiplier=0.0)
+        limits = {"max_steps": 1}
+    elif scenario == "noise":
+        model, d = ZeroGrad(), 50
+        strategy = DPDDPStrategy(max_grad_norm=2.0, noise_multiplier=1.5)
+        limits = {"max_steps": 1}
+    elif scenario in ("budget", "first", "resume"):
+        sigma = None if scenario == "budget" else 1.0
+        budget = PrivacyBudget(epsilon=2.0 if scenario == "budget" else 50.0, delta=1e-5)
+        strategy = DPDDPStrategy(noise_multiplier=sigma)
+        callbacks += [budget, ModelCheckpoint(dirpath=out.parent / "ckpt", save_last=True)]
+        limits = {"max_epochs": 4 if scenario == "resume" else 2}
+        if scenario == "resume":
+            fit_kwargs["ckpt_path"] = str(out.parent / "ckpt" / "last.ckpt")
+    elif scenario == "empty":
+        n, b = 16, 1  # q = 2/16: many empty draws, often on one process only
+        strategy = DPDDPStrategy(noise_multiplier=1.0)
+        limits = {"max_epochs": 2}
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+
+    before = snapshot(model)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, callbacks=callbacks, logger=False,
+        enable_checkpointing=budget is not None, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, **limits,
+    )
+    trainer.fit(model, loader(make_dataset(n=n, d=d), batch_size=b), **fit_kwargs)
+    x, y = rec.examples if any(bt.size for bt in rec.batches) else (torch.zeros(0, d), torch.zeros(0))
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "before": before,
+            "after": snapshot(model),
+            "x": x,
+            "y": y,
+            "sizes": rec.sizes,
+            "global_step": trainer.global_step,
+            "history": trainer.strategy.history.segments,
+            "steps": budget.steps if budget else None,
+            "epsilon": budget.epsilon_spent if budget else None,
+            "noise_multiplier": trainer.strategy.noise_multiplier,
+            "sample_rate": trainer.strategy.sample_rate,
+            "engine": trainer.strategy.engine.name,
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,94 @@
+"""DPDDPStrategy with real processes: 2 CPU ranks over gloo, launched by Lightning."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import Classifier, clipped_sum, per_example_grads, pld_epsilon
+from lightning_dp import DPDDPStrategy
+from lightning_dp.accounting import compute_epsilon
+
+SCRIPT = Path(__file__).resolve().parent / "ddp_run.py"
+pytestmark = pytest.mark.slow
+
+
+def run(scenario: str, root: Path) -> list[dict]:
+    out = root / scenario
+    proc = subprocess.run([sys.executable, str(SCRIPT), scenario, str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_update_is_the_clipped_mean_over_both_processes_examples(tmp_path: Path) -> None:
+    ranks = run("update", tmp_path)
+    for r in ranks:  # the same update on every process
+        for a, b in zip(ranks[0]["after"], r["after"]):
+            torch.testing.assert_close(a, b)
+    assert ranks[0]["sample_rate"] == 2 * 8 / 64  # the global rate q = W*b/N
+    x = torch.cat([r["x"] for r in ranks])
+    y = torch.cat([r["y"] for r in ranks])
+    assert len(x) > 0 and all(len(r["x"]) > 0 for r in ranks)
+    # disjoint shards: no example drawn by both processes
+    assert len({tuple(row.tolist()) for row in x}) == len(x)
+    reference = Classifier()
+    with torch.no_grad():
+        for p, v in zip(reference.parameters(), ranks[0]["before"]):
+            p.copy_(v)
+    grads = per_example_grads(reference, x, y, reference.loss)
+    expected = [g / 16 for g in clipped_sum(grads, 0.1, list(reference.parameters()))]  # / (q * N)
+    for b, a, e in zip(ranks[0]["before"], ranks[0]["after"], expected):
+        torch.testing.assert_close(b - a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_noise_is_added_once_not_once_per_process(tmp_path: Path) -> None:
+    ranks = run("noise", tmp_path)
+    delta = torch.cat([(b - a).flatten() for b, a in zip(ranks[0]["before"], ranks[0]["after"])])
+    for b0, a1 in zip(ranks[0]["after"], ranks[1]["after"]):
+        torch.testing.assert_close(b0, a1)
+    expected = 1.5 * 2.0 / (2 * 8)  # sigma * C / (q * N); twice the noise would be 41% larger
+    assert abs(delta.std().item() / expected - 1) < 0.05
+
+
+def test_budget_run_matches_an_independent_accountant_at_the_global_rate(tmp_path: Path) -> None:
+    ranks = run("budget", tmp_path)
+    r0, r1 = ranks
+    assert r0["history"] == r1["history"] and r0["epsilon"] == r1["epsilon"]
+    assert r0["global_step"] == r1["global_step"] == r0["steps"] == 8  # 2 epochs of ceil(64 / 16)
+    sigma, q = r0["noise_multiplier"], r0["sample_rate"]
+    assert q == 0.25 and r0["history"] == [(sigma, q, 8)]
+    assert r0["epsilon"] == pytest.approx(compute_epsilon([(sigma, q, 8)], 1e-5))
+    assert 1.8 <= r0["epsilon"] <= 2.0
+    assert pld_epsilon([(sigma, q, 8)], 1e-5) <= 2.0 + 0.01
+
+
+def test_resume_continues_the_ledger_on_every_process(tmp_path: Path) -> None:
+    first = run("first", tmp_path)
+    assert first[0]["steps"] == 8
+    resumed = run("resume", tmp_path)
+    for r in resumed:
+        assert r["global_step"] == r["steps"] == 16
+        assert r["epsilon"] == pytest.approx(compute_epsilon([(1.0, 0.25, 16)], 1e-5))
+
+
+def test_a_process_drawing_empty_batches_does_not_hang(tmp_path: Path) -> None:
+    ranks = run("empty", tmp_path)  # the subprocess timeout turns a hang into a failure
+    sizes = [r["sizes"] for r in ranks]
+    assert len(sizes[0]) == len(sizes[1]) == 16 == ranks[0]["global_step"] == ranks[1]["global_step"]
+    assert any((a == 0) != (b == 0) for a, b in zip(*sizes))  # steps where only one process was empty
+    assert ranks[0]["history"] == [(1.0, 2 / 16, 16)]
+    for a, b in zip(ranks[0]["after"], ranks[1]["after"]):
+        torch.testing.assert_close(a, b)
+
+
+def test_registered_by_name_and_validated() -> None:
+    import lightning as L
+
+    assert isinstance(L.Trainer(strategy="dp_ddp", accelerator="cpu", devices=2, logger=False).strategy, DPDDPStrategy)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        DPDDPStrategy(max_grad_norm=0)
