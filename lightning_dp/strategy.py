@@ -188,11 +188,13 @@ class _PrivateTraining:
                 f"DP training needs a torch DataLoader to Poisson-sample, got {type(dataloader).__name__}."
             )
         rank, world_size = self._shard()
-        if self._sampling_generator is None and world_size > 1:
-            # Each process needs its own draws (seed_everything gives all the same seed, and
-            # identical masks over the shards would not be independent Poisson samples); one
-            # generator per fit, so reloaded loaders continue its stream instead of replaying it.
-            seed = int(torch.randint(0, 2**62, (1,)).item()) + 7919 * rank
+        if self._sampling_generator is None:
+            # The accounting composes steps as independent Poisson samples, so no draw may be
+            # replayed: not on another process (seed_everything gives all the same seed), not
+            # by a run resumed with the same seed, not by a reloaded loader. Hence one stream per
+            # fit, seeded by the seed, the step the fit starts from, and the rank.
+            base = dataloader.generator.initial_seed() if dataloader.generator is not None else torch.initial_seed()
+            seed = hash((base, trainer.global_step, rank)) & (2**63 - 1)
             self._sampling_generator = torch.Generator().manual_seed(seed)
         self.train_dataloader = poisson_dataloader(
             dataloader, self.max_physical_batch_size, self.secure_mode, rank=rank, world_size=world_size,

@@ -267,3 +267,22 @@ trainer:
     budget = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PrivacyBudget))
     assert cli.trainer.strategy.max_grad_norm == 0.5
     assert budget.steps == 8 and 1.8 <= budget.epsilon_spent <= 2.0
+
+
+def test_a_resumed_run_does_not_replay_the_first_runs_poisson_draws(tmp_path: Path) -> None:
+    from conftest import Batches
+
+    def run(epochs: int, ckpt_path: str | None) -> list[list[float]]:
+        L.seed_everything(0, verbose=False)  # the same seed in both runs, as a resume script would
+        rec = Batches()
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        t = trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=[rec, ckpt],
+                    strategy=DPStrategy(noise_multiplier=1.0))
+        with pytest.warns(UserWarning):
+            t.fit(Classifier(), loader(make_dataset(n=64), batch_size=8), ckpt_path=ckpt_path)
+        return [sorted(c[0][:, 0].tolist()) for b in rec.batches for c in b.chunks]
+
+    first = run(1, None)
+    resumed = run(2, str(tmp_path / "ckpt" / "last.ckpt"))
+    assert len(first) > 4 and len(resumed) > 4
+    assert first != resumed
