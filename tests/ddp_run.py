@@ -58,6 +58,10 @@ def main(scenario: str, out: Path) -> None:
         limits = {"max_epochs": 4 if scenario == "resume" else 2}
         if scenario == "resume":
             fit_kwargs["ckpt_path"] = str(out.parent / "ckpt" / "last.ckpt")
+    elif scenario == "stop":  # a fixed noise: the budget, not the plan, ends the run
+        budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
+        strategy = DPDDPStrategy(noise_multiplier=1.0)
+        limits = {"max_epochs": 50}
     elif scenario == "empty":
         n, b = 16, 1  # q = 2/16: many empty draws, often on one process only
         strategy = DPDDPStrategy(noise_multiplier=1.0)
