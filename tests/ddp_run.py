@@ -59,7 +59,8 @@ def main(scenario: str, out: Path) -> None:
         if scenario == "resume":
             fit_kwargs["ckpt_path"] = str(out.parent / "ckpt" / "last.ckpt")
     elif scenario == "stop":  # a fixed noise: the budget, not the plan, ends the run
-        budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
+        budget = PrivacyBudget(epsilon=6.0, delta=1e-5)
+        callbacks.append(budget)
         strategy = DPDDPStrategy(noise_multiplier=1.0)
         limits = {"max_epochs": 50}
     elif scenario == "empty":

@@ -70,10 +70,10 @@ def test_budget_run_matches_an_independent_accountant_at_the_global_rate(tmp_pat
 def test_budget_stops_every_process_at_the_same_step_before_overspending(tmp_path: Path) -> None:
     ranks = run("stop", tmp_path)
     steps = ranks[0]["steps"]
-    assert 0 < steps < 50 * 4  # the budget ended the run, long before its 50 epochs
+    assert 1 < steps < 50 * 4  # the budget ended the run, long before its 50 epochs
     for r in ranks:
-        assert r["global_step"] == r["steps"] == steps and r["epsilon"] <= 3.0
-    assert compute_epsilon([(1.0, 0.25, steps + 1)], 1e-5) > 3.0
+        assert r["global_step"] == r["steps"] == steps and r["epsilon"] <= 6.0
+    assert compute_epsilon([(1.0, 0.25, steps + 1)], 1e-5) > 6.0
 
 
 def test_resume_continues_the_ledger_on_every_process(tmp_path: Path) -> None:
