@@ -256,14 +256,19 @@ def poisson_dataloader(
     )
 
 
-def collate_examples(dataloader: DataLoader, indices: Sequence[int]) -> Any:
-    """Collate the given examples of a Poisson loader's dataset as one batch.
+def fetch_examples(dataloader: DataLoader, indices: Sequence[int]) -> dict[int, Any]:
+    """The dataset items at ``indices`` of a Poisson loader's dataset, fetched once each."""
+    return {i: dataloader.dataset[i] for i in indices}
+
+
+def collate_examples(dataloader: DataLoader, examples: Sequence[Any]) -> Any:
+    """Collate dataset items as one batch with the user's ``collate_fn``.
 
     Used by the per-sample gradient check to build batches from real training examples.
     """
     collate = dataloader.collate_fn
     assert isinstance(collate, _PoissonCollate)
-    return collate.collate_fn([dataloader.dataset[i] for i in indices])
+    return collate.collate_fn(list(examples))
 
 
 def is_poisson_dataloader(dataloader: object) -> bool:

@@ -37,7 +37,13 @@ from lightning_dp.grads import PerSampleGradientMismatch, check_per_sample_grads
 from lightning_dp.grads.engine import ENGINES, LossReduction, PerSampleGradEngine, silenced_logging
 from lightning_dp.mechanism import GaussianMechanism
 from lightning_dp.modules import UnsupportedModuleError, replace_batch_norm, unsupported_layers
-from lightning_dp.sampling import PoissonBatch, collate_examples, is_poisson_dataloader, poisson_dataloader
+from lightning_dp.sampling import (
+    PoissonBatch,
+    collate_examples,
+    fetch_examples,
+    is_poisson_dataloader,
+    poisson_dataloader,
+)
 
 if TYPE_CHECKING:
     from lightning_dp.budget import PrivacyBudget
@@ -286,9 +292,12 @@ class _PrivateTraining:
         n = min(_CHECK_EXAMPLES, len(loader.dataset), self.max_physical_batch_size or _CHECK_EXAMPLES)  # type: ignore[arg-type]
 
         plain_batch_to_device = super().batch_to_device  # type: ignore[misc]
+        # Fetch each example once: a Dataset with random augmentation must hand the batch and
+        # the one-example passes the same tensors.
+        examples = fetch_examples(loader, range(n))
 
         def batch_of(indices: Any) -> Any:
-            return plain_batch_to_device(collate_examples(loader, indices))
+            return plain_batch_to_device(collate_examples(loader, [examples[i] for i in indices]))
 
         start = time.perf_counter()
         with _train_mode(module), silenced_logging(module):

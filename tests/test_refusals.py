@@ -362,3 +362,21 @@ def test_opacus_padding_idx_bug_is_caught_and_auto_moves_on(dataset) -> None:
         fit(PaddedEmbedding(), loader(dataset), engine="hooks")
     t = fit(PaddedEmbedding(), loader(dataset))
     assert t.strategy.engine.name == "ghost"
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Random augmentation inside __getitem__: every fetch of an example differs."""
+
+    def __init__(self) -> None:
+        self.base = make_dataset(n=64)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return x + 0.1 * torch.randn_like(x), y
+
+
+def test_random_augmentation_in_the_dataset_passes_the_check() -> None:
+    assert fit(Classifier(), DataLoader(Augmented(), batch_size=8, shuffle=True)).global_step == 2
