@@ -136,6 +136,25 @@ class TiedLM(NanoGPT):
         self.head.weight = self.tok.weight
 
 
+class InplaceActivation(L.LightningModule):
+    """Linear -> ReLU(inplace=True): the layer's output is overwritten after the forward, so
+    its gradient must be captured for the version the layer produced (Opacus's hooks crash)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.loss(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
 class ConvGroupNorm(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -201,6 +220,7 @@ CASES = [
     (GRULM, token_data, "loop"),  # vmap has no batching rule that works for nn.GRU
     (TiedLM, token_data, "functorch"),
     (ConvGroupNorm, image_data, "ghost"),
+    (InplaceActivation, lambda: __import__("conftest").make_dataset(n=32), "ghost"),
     (LinearAttentionGPT, token_data, "ghost"),
     (TiedLinearAttentionGPT, token_data, "ghost"),
 ]
