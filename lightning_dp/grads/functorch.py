@@ -11,6 +11,7 @@ output come from the real batch, as in a plain step.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -59,10 +60,10 @@ class _Step(nn.Module):
         return self.step(batch)[1]
 
 
-class FunctorchEngine(PerSampleGradEngine):
-    """``vmap(grad(training_step))`` over the examples of a chunk."""
-
-    name = "functorch"
+class _OneExampleAtATime(PerSampleGradEngine):
+    """Engines that run the user's step on each example as a batch of one: exact whatever the
+    layers, and whatever the loss reduction (each example's loss is its own). The real batch
+    also runs once without gradients, for the step's logs and outputs."""
 
     def __init__(self) -> None:
         self._module: Optional[nn.Module] = None
@@ -81,6 +82,27 @@ class FunctorchEngine(PerSampleGradEngine):
         with torch.no_grad():  # the real step: its logs and outputs, as without DP
             output, loss = step(batch)
         leaves, spec = _split_examples(batch, batch_size, self.name)
+        with silenced_logging(module):
+            grads = self._per_example(module, step, leaves, spec, params, batch_size)
+        for p in params:
+            p.grad = None
+        return output, loss.detach(), Materialized(grads, batch_size)
+
+    @abstractmethod
+    def _per_example(
+        self, module: nn.Module, step: StepFn, leaves: list[Tensor], spec: Any, params: Sequence[nn.Parameter], n: int
+    ) -> list[Optional[Tensor]]:
+        """Each example's gradient of its own loss, stacked per parameter."""
+
+
+class FunctorchEngine(_OneExampleAtATime):
+    """``vmap(grad(training_step))`` over the examples of a chunk."""
+
+    name = "functorch"
+
+    def _per_example(
+        self, module: nn.Module, step: StepFn, leaves: list[Tensor], spec: Any, params: Sequence[nn.Parameter], n: int
+    ) -> list[Optional[Tensor]]:
         names = param_names(module)
         keys = ["m." + names[p] for p in params]
         wrapper = _Step(module, step)
@@ -90,47 +112,25 @@ class FunctorchEngine(PerSampleGradEngine):
             return functional_call(wrapper, dict(zip(keys, values)), (one,))
 
         values = tuple(p.detach() for p in params)
-        with silenced_logging(module):
-            grads = vmap(grad(example_loss), in_dims=(None, *[0] * len(leaves)), randomness="different")(
-                values, *leaves
-            )
-        for p in params:
-            p.grad = None
-        # Each example ran as a batch of one: its gradient is that of its own loss whatever
-        # the reduction, so no rescaling.
-        return output, loss.detach(), Materialized([g.detach() for g in grads], batch_size)
+        grads = vmap(grad(example_loss), in_dims=(None, *[0] * len(leaves)), randomness="different")(values, *leaves)
+        return [g.detach() for g in grads]
 
 
-class LoopEngine(PerSampleGradEngine):
-    """One backward pass per example, each on a batch of one: exact for any model that can
-    run on a single example, and the slowest engine. The last resort of ``engine="auto"``
-    (e.g. ``nn.GRU``, whose batching rule ``vmap`` lacks)."""
+class LoopEngine(_OneExampleAtATime):
+    """One backward pass per example: exact for any model that can run on a single example,
+    and the slowest engine. The last resort of ``engine="auto"`` (e.g. ``nn.GRU``, whose
+    batching rule ``vmap`` lacks)."""
 
     name = "loop"
 
-    def __init__(self) -> None:
-        self._module: Optional[nn.Module] = None
-
-    def attach(self, module: nn.Module) -> None:
-        self._module = module
-
-    def detach(self) -> None:
-        self._module = None
-
-    def compute(
-        self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
-    ) -> tuple[Any, Tensor, PerExampleGrads]:
-        module = self._module
-        assert module is not None, "engine used before attach()"
-        with torch.no_grad():  # the real step: its logs and outputs, as without DP
-            output, loss = step(batch)
-        leaves, spec = _split_examples(batch, batch_size, self.name)
+    def _per_example(
+        self, module: nn.Module, step: StepFn, leaves: list[Tensor], spec: Any, params: Sequence[nn.Parameter], n: int
+    ) -> list[Optional[Tensor]]:
         rows: list[list[Optional[Tensor]]] = []
-        with silenced_logging(module):
-            for i in range(batch_size):
-                one = tree_unflatten([t[i : i + 1] for t in leaves], spec)
-                grads = torch.autograd.grad(step(one)[1], list(params), allow_unused=True)
-                rows.append([None if g is None else g.detach() for g in grads])
+        for i in range(n):
+            one = tree_unflatten([t[i : i + 1] for t in leaves], spec)
+            grads = torch.autograd.grad(step(one)[1], list(params), allow_unused=True)
+            rows.append([None if g is None else g.detach() for g in grads])
         out: list[Optional[Tensor]] = []
         for j, p in enumerate(params):
             column = [r[j] for r in rows]
@@ -138,4 +138,4 @@ class LoopEngine(PerSampleGradEngine):
                 out.append(None)
             else:
                 out.append(torch.stack([torch.zeros_like(p) if g is None else g for g in column]))
-        return output, loss.detach(), Materialized(out, batch_size)
+        return out
