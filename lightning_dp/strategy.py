@@ -106,6 +106,7 @@ class _PrivateTraining:
         self._pending: Optional[PoissonBatch] = None
         self._dp_fitting = False
         self._sampling_generator: Optional[torch.Generator] = None
+        self._engine_params: frozenset[nn.Parameter] = frozenset()
 
     # ------------------------------------------------------------------ multi-process hooks
     def _shard(self) -> tuple[int, int]:
@@ -275,6 +276,7 @@ class _PrivateTraining:
                 rejected[name] = str(err)
                 continue
             self.engine = engine
+            self._engine_params = frozenset(_trainable(module))
             passed_over = "".join(f"\n  - '{n}' passed over: {why}" for n, why in rejected.items())
             rank_zero_info(f"DPStrategy: per-sample gradients by the '{name}' engine ({verified}).{passed_over}")
             return
@@ -341,6 +343,11 @@ class _PrivateTraining:
         module = self.lightning_module
         assert module is not None and self.engine is not None
         params = _trainable(module)
+        if frozenset(params) != self._engine_params:
+            # A callback (e.g. BaseFinetuning) froze or unfroze layers: hooks and the check were
+            # made for the old set, so choose and verify the engine again for the new one.
+            rank_zero_info("DPStrategy: the trainable parameters changed; checking the engine again.")
+            self._choose_engine()
         mechanism = GaussianMechanism(params, self.max_grad_norm, self.secure_mode)
         output: Any = None
         loss_sum: Optional[Tensor] = None

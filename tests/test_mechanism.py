@@ -230,3 +230,27 @@ def test_logs_from_chunks_are_logged_once_per_step_for_the_whole_batch() -> None
     assert seen and any(k > 1 for _, _, k in seen)  # several chunks per step ...
     for logged, mean, _ in seen:
         assert logged == pytest.approx(mean, rel=1e-5)  # ... one value: the whole batch's
+
+
+class Unfreeze(L.Callback):
+    """Like BaseFinetuning: the first layer trains only from the third step on."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for p in pl_module.net[0].parameters():
+            p.requires_grad_(trainer.global_step >= 2)
+
+
+def test_layers_unfrozen_mid_run_are_clipped_and_noised_too() -> None:
+    model = Classifier(lr=0.1)
+    for p in model.net[0].parameters():
+        p.requires_grad_(False)
+    frozen_before = snapshot(model)[:2]
+    t = trainer(max_steps=2, strategy=DPStrategy(noise_multiplier=1.0), callbacks=[Unfreeze()])
+    with pytest.warns(UserWarning):
+        t.fit(model, loader(make_dataset(n=64), batch_size=8))
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, list(model.parameters())[:2]))
+    t = trainer(max_steps=4, strategy=DPStrategy(noise_multiplier=1.0), callbacks=[Unfreeze()])
+    with pytest.warns(UserWarning):
+        t.fit(model, loader(make_dataset(n=64), batch_size=8))
+    assert t.global_step == 4
+    assert not any(torch.equal(a, b) for a, b in zip(frozen_before, list(model.parameters())[:2]))
