@@ -193,9 +193,8 @@ def poisson_dataloader(
             "from it: pass DataLoader(dataset, batch_size=B) and drop the batch_sampler."
         )
     sampler = dataloader.sampler
-    if world_size > 1 and isinstance(sampler, DistributedSampler):
-        pass  # injected by Lightning for DDP; the Poisson shard replaces it
-    elif type(sampler) not in (RandomSampler, SequentialSampler):
+    injected = world_size > 1 and isinstance(sampler, DistributedSampler)  # Lightning's, for DDP: the shard replaces it
+    if not injected and type(sampler) not in (RandomSampler, SequentialSampler):
         raise ValueError(
             f"The training DataLoader uses a {type(sampler).__name__}; DP training replaces the "
             "sampler with Poisson sampling over the whole dataset, which would train on examples "
