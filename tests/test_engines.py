@@ -280,3 +280,41 @@ def test_functorch_engine_trains_with_dropout_and_logs_the_real_batch() -> None:
         t.fit(model, DataLoader(token_data(), batch_size=8, shuffle=True))
     assert t.global_step == 4 and len(logged) > 0
     assert all(torch.isfinite(torch.tensor(logged)))
+
+
+class StridedConv(ConvGroupNorm):
+    """Stride, dilation and padding through the im2col ghost rule, with a bias-free layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 3, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Conv2d(3, 4, 2, bias=False),
+            nn.Flatten(), nn.LazyLinear(3),
+        )
+        self.net(torch.zeros(1, 1, 6, 6))  # materialise the lazy layer
+
+
+@pytest.mark.parametrize("engine", ["ghost", "hooks"])
+def test_conv_ghost_rule_matches_per_example_gradients(engine: str) -> None:
+    from lightning_dp.grads import GhostEngine, make_engine
+
+    model = StridedConv()
+    data = image_data(6)
+    batch = (data.tensors[0], data.tensors[1])
+    params = [p for p in model.parameters()]
+    eng = make_engine(engine)
+    eng.attach(model)
+    _, _, grads = eng.compute(lambda b: (None, model.loss(b)), batch, params, 6, "mean")
+    eng.detach()
+    sq_norms = grads.sq_norms()
+    for k in range(6):
+        ref = torch.autograd.grad(model.loss((batch[0][k : k + 1], batch[1][k : k + 1])), params)
+        got = grads.weighted_sum(torch.eye(6)[k])
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        assert sq_norms[k].item() == pytest.approx(sum((r**2).sum().item() for r in ref), rel=1e-4)
+    if engine == "ghost":
+        assert isinstance(eng, GhostEngine)
+        # The 3x3-output first conv has more positions squared than weights: it takes the
+        # per-example path; the second conv and the Linear take the ghost path.
+        assert len(grads.linear) == 2 and len(grads.materialized) >= 2

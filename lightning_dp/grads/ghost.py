@@ -7,8 +7,8 @@ large models at small cost"). One ordinary backward pass records, for each layer
 is ``g_i^T a_i`` (summed over positions), whose squared norm is
 ``sum((a_i a_i^T) * (g_i g_i^T))``: a ``T x T`` computation instead of a ``d_out x d_in``
 matrix per example. Once every example's norm is known, the clipped sum is one matrix
-product ``(c * g)^T a``. Embeddings work the same way with token equality in place of
-``a_i a_i^T``. Other layers with an Opacus per-layer sampler (LayerNorm, GroupNorm, Conv, ...)
+product ``(c * g)^T a``. Conv2d layers are Linear layers over unfolded patches (im2col), and
+embeddings work the same way with token equality in place of ``a_i a_i^T``. Other layers with an Opacus per-layer sampler (LayerNorm, GroupNorm, Conv, ...)
 fall back to per-example gradients for that layer only, as do parameters shared between
 layers or layers called more than once (their cross terms are not ghost-computable).
 
@@ -44,6 +44,13 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
 
 
+def _ghost_conv(m: nn.Module) -> bool:
+    """Conv2d layers the im2col rule covers (one group, explicit zero padding)."""
+    return (
+        type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    )
+
+
 def _layer_per_example(m: nn.Module, x: Tensor, g: Tensor, own: dict[str, nn.Parameter]) -> dict[str, Tensor]:
     """Per-example gradients of one layer's own parameters by ``vmap`` over its examples:
     the fallback for single-input layers with no rule of their own (e.g. LlamaRMSNorm)."""
@@ -67,7 +74,8 @@ class GhostGrads(PerExampleGrads):
         self.batch_size = batch_size
         self.num_params = num_params
         self.materialized: dict[int, Tensor] = {}  # param index -> (n, *shape)
-        self.linear: list[tuple[int, Tensor, Tensor, bool]] = []  # (index, a (n,L,i), g (n,L,o), weight is (i,o))
+        # (index, a (n,L,i), g (n,L,o), weight stored (i,o)?, weight shape)
+        self.linear: list[tuple[int, Tensor, Tensor, bool, torch.Size]] = []
         self.embedding: list[tuple[int, Tensor, Tensor, int]] = []  # (index, ids (n,L), g (n,L,d), rows)
 
     def add_materialized(self, index: int, grad: Tensor) -> None:
@@ -78,7 +86,7 @@ class GhostGrads(PerExampleGrads):
         sq = torch.zeros(n, dtype=torch.float32, device=self._device())
         for g in self.materialized.values():
             sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float32).square()
-        for _, a, g, _ in self.linear:
+        for _, a, g, _, _ in self.linear:
             a, g = a.float(), g.float()
             sq += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
         for _, ids, g, _ in self.embedding:
@@ -91,10 +99,10 @@ class GhostGrads(PerExampleGrads):
         out: list[Optional[Tensor]] = [None] * self.num_params
         for i, g in self.materialized.items():
             out[i] = torch.einsum("i,i...->...", weights.to(g.dtype), g)
-        for i, a, g, transposed in self.linear:
+        for i, a, g, transposed, shape in self.linear:
             wg = (g * weights.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
             flat_a = a.reshape(-1, a.shape[-1])
-            out[i] = flat_a.t() @ wg if transposed else wg.t() @ flat_a
+            out[i] = (flat_a.t() @ wg if transposed else wg.t() @ flat_a).reshape(shape)
         for i, ids, g, rows in self.embedding:
             wg = (g * weights.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
             out[i] = torch.zeros(rows, g.shape[-1], dtype=g.dtype, device=g.device).index_add_(0, ids.reshape(-1), wg)
@@ -103,7 +111,7 @@ class GhostGrads(PerExampleGrads):
     def _device(self) -> Optional[torch.device]:
         for t in self.materialized.values():
             return t.device
-        for _, a, _, _ in self.linear:
+        for _, a, _, _, _ in self.linear:
             return a.device
         for _, ids, _, _ in self.embedding:
             return ids.device
@@ -241,17 +249,21 @@ class GhostEngine(PerSampleGradEngine):
                         "(e.g. pos_emb(torch.arange(T))); the 'ghost' engine cannot split it per example."
                     )
             single = len(cs) == 1 and all(uses[p] == 1 for p in own.values())
-            if single and (type(m) is nn.Linear or _is_conv1d(m)):
+            if single and (type(m) is nn.Linear or _is_conv1d(m) or _ghost_conv(m)):
                 (inputs, g), = cs
-                a = inputs[0].reshape(n, -1, inputs[0].shape[-1])
-                g3 = g.reshape(n, -1, g.shape[-1])
+                if _ghost_conv(m):  # im2col: a convolution is a Linear over unfolded patches
+                    a = nn.functional.unfold(inputs[0], m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+                    g3 = g.reshape(n, g.shape[1], -1).transpose(1, 2)
+                else:
+                    a = inputs[0].reshape(n, -1, inputs[0].shape[-1])
+                    g3 = g.reshape(n, -1, g.shape[-1])
                 if "weight" in own:
-                    length = a.shape[1]
+                    weight, length = own["weight"], a.shape[1]
                     if length * length <= a.shape[2] * g3.shape[2]:
-                        out.linear.append((index[own["weight"]], a, g3, _is_conv1d(m)))
-                    else:  # long sequences, small layer: the gradient itself is smaller
+                        out.linear.append((index[weight], a, g3, _is_conv1d(m), weight.shape))
+                    else:  # many positions, small layer: the gradient itself is smaller
                         spec = "nli,nlo->nio" if _is_conv1d(m) else "nli,nlo->noi"
-                        out.add_materialized(index[own["weight"]], torch.einsum(spec, a, g3))
+                        out.add_materialized(index[weight], torch.einsum(spec, a, g3).reshape(n, *weight.shape))
                 if "bias" in own:
                     out.add_materialized(index[own["bias"]], g3.sum(dim=1))
             elif single and type(m) is nn.Embedding:
