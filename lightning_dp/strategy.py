@@ -448,8 +448,8 @@ class DPStrategy(_PrivateTraining, SingleDeviceStrategy):
         loss_reduction: how ``training_step``'s loss reduces over the batch: ``"mean"``
             (default) or ``"sum"``. The start-of-fit check tells you if it is the other.
         engine: the per-sample gradient engine: ``"auto"`` (default) takes the first of
-            ``"ghost"`` (book-keeping ghost clipping: no per-example gradients for Linear and
-            Embedding layers, least memory), ``"hooks"`` (Opacus's per-layer hooks),
+            ``"ghost"`` (book-keeping ghost clipping: no per-example gradients for Linear,
+            Embedding and Conv2d layers, least memory), ``"hooks"`` (Opacus's per-layer hooks),
             ``"functorch"`` (``vmap(grad(...))``
             over the whole ``training_step``: exact for causal attention, recurrent layers,
             position embeddings, tied weights) and ``"loop"`` (a backward pass per example:
