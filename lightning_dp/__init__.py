@@ -4,9 +4,10 @@
                         callbacks=[PrivacyBudget(epsilon=3.0, delta=1e-5)])
 """
 
+from lightning_dp.audit import PrivacyAudit
 from lightning_dp.budget import PrivacyBudget, PrivacyBudgetExhausted
 from lightning_dp.ddp import DPDDPStrategy
 from lightning_dp.strategy import DPStrategy
 
-__all__ = ["DPDDPStrategy", "DPStrategy", "PrivacyBudget", "PrivacyBudgetExhausted"]
+__all__ = ["DPDDPStrategy", "DPStrategy", "PrivacyAudit", "PrivacyBudget", "PrivacyBudgetExhausted"]
 __version__ = "0.1.0"

@@ -17,11 +17,19 @@ import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Protocol, Sequence
 
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
-__all__ = ["AccountantName", "PrivacyHistory", "calibrate_noise", "compute_epsilon", "max_steps"]
+__all__ = [
+    "AccountantName",
+    "EpsilonTarget",
+    "PrivacyHistory",
+    "PrivacyTarget",
+    "calibrate_noise",
+    "compute_epsilon",
+    "max_steps",
+]
 
 AccountantName = Literal["prv", "rdp", "gdp"]
 ACCOUNTANTS: dict[str, type] = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}
@@ -134,21 +142,85 @@ def compute_epsilon(history: PrivacyHistory | Iterable[Segment], delta: float, a
     return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in segments), float(delta), accountant)
 
 
+class PrivacyTarget(Protocol):
+    """What must hold of a history: ``value(history) <= limit`` (``value`` grows with more
+    steps and with less noise). :class:`EpsilonTarget` here; the attack-risk targets in
+    :mod:`lightning_dp.risk`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def limit(self) -> float: ...
+
+    def value(self, history: PrivacyHistory) -> float: ...
+
+
+@dataclass(frozen=True)
+class EpsilonTarget:
+    """Keep epsilon at ``delta`` (per ``accountant``) at most ``epsilon``.
+
+    Example:
+        >>> target = EpsilonTarget(2.0, 1e-5, "rdp")
+        >>> round(target.value(PrivacyHistory([(1.0, 0.01, 1000)])), 3), target.limit
+        (2.101, 2.0)
+    """
+
+    epsilon: float
+    delta: float
+    accountant: AccountantName = "prv"
+
+    @property
+    def name(self) -> str:
+        return "epsilon"
+
+    @property
+    def limit(self) -> float:
+        return self.epsilon
+
+    def value(self, history: PrivacyHistory) -> float:
+        return compute_epsilon(history, self.delta, self.accountant)
+
+
+def _targets(
+    epsilon: Optional[float], delta: Optional[float], accountant: AccountantName, targets: Sequence[PrivacyTarget]
+) -> list[PrivacyTarget]:
+    out: list[PrivacyTarget] = []
+    if epsilon is not None:
+        if delta is None:
+            raise ValueError("an epsilon target needs its delta")
+        out.append(EpsilonTarget(epsilon, delta, accountant))
+    out.extend(targets)
+    if not out:
+        raise ValueError("nothing to hold: give epsilon (with delta) or targets")
+    return out
+
+
 def max_steps(
     history: PrivacyHistory,
     noise_multiplier: float,
     sample_rate: float,
-    epsilon: float,
-    delta: float,
+    epsilon: Optional[float] = None,
+    delta: Optional[float] = None,
     accountant: AccountantName = "prv",
     limit: Optional[int] = None,
+    *,
+    targets: Sequence[PrivacyTarget] = (),
 ) -> int:
     """The largest number of further steps at ``(noise_multiplier, sample_rate)`` after
-    ``history`` whose total epsilon stays at most ``epsilon`` (capped at ``limit``)."""
+    ``history`` whose total epsilon stays at most ``epsilon`` and every one of ``targets``
+    holds (capped at ``limit``).
+
+    Example:
+        >>> max_steps(PrivacyHistory(), 1.0, 0.01, epsilon=2.0, delta=1e-5, accountant="rdp", limit=10_000)
+        881
+    """
+    musts = _targets(epsilon, delta, accountant, targets)
 
     def fits(n: int) -> bool:
+        extended = history.extended(noise_multiplier, sample_rate, n)
         try:
-            return compute_epsilon(history.extended(noise_multiplier, sample_rate, n), delta, accountant) <= epsilon
+            return all(t.value(extended) <= t.limit for t in musts)
         except (MemoryError, OverflowError, FloatingPointError):
             return False  # an accountant that cannot answer allows nothing: the safe side
 
@@ -175,13 +247,16 @@ def calibrate_noise(
     history: PrivacyHistory,
     sample_rate: float,
     steps: int,
-    epsilon: float,
-    delta: float,
+    epsilon: Optional[float] = None,
+    delta: Optional[float] = None,
     accountant: AccountantName = "prv",
     rel_tol: float = 0.01,
+    *,
+    targets: Sequence[PrivacyTarget] = (),
 ) -> float:
-    """The smallest noise multiplier (to ``rel_tol`` of the target epsilon) such that
-    ``history`` followed by ``steps`` steps at ``sample_rate`` spends at most ``epsilon``.
+    """The smallest noise multiplier (to ``rel_tol`` of the binding target) such that
+    ``history`` followed by ``steps`` steps at ``sample_rate`` spends at most ``epsilon``
+    and meets every one of ``targets``.
 
     Raises:
         ValueError: if the history alone already spends the budget.
@@ -193,37 +268,44 @@ def calibrate_noise(
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive to calibrate the noise, got {steps}")
+    musts = _targets(epsilon, delta, accountant, targets)
 
-    def eps_at(sigma: float) -> float:
-        return compute_epsilon(history.extended(sigma, sample_rate, steps), delta, accountant)
+    def values_at(sigma: float) -> list[float]:
+        extended = history.extended(sigma, sample_rate, steps)
+        return [t.value(extended) for t in musts]
 
-    spent = compute_epsilon(history, delta, accountant)
-    if spent >= epsilon:
-        raise ValueError(
-            f"The recorded history already spends epsilon={spent:.4g} of the target {epsilon:.4g}; "
-            "no noise level allows further steps."
-        )
+    def fits(sigma: float) -> bool:
+        return all(v <= t.limit for v, t in zip(_safe(values_at, sigma, len(musts)), musts))
+
+    for target in musts:
+        spent = target.value(history)
+        if spent >= target.limit:
+            raise ValueError(
+                f"The recorded history already spends {target.name}={spent:.4g} of the target {target.limit:.4g}; "
+                "no noise level allows further steps."
+            )
     hi = 1.0
-    while _safe(eps_at, hi) > epsilon:
+    while not fits(hi):
         hi *= 2
         if hi > 1e6:
             raise ValueError("No noise multiplier below 1e6 meets the target; the budget is too small.")
-    lo = hi / 2 if hi > 1.0 else 0.0  # eps(lo) > target, or lo = 0 (infinite epsilon)
-    # Bisect until the epsilon at ``hi`` uses the budget to within rel_tol.
-    while epsilon - eps_at(hi) > rel_tol * epsilon and hi - lo > 1e-6:
+    lo = hi / 2 if hi > 1.0 else 0.0  # the target fails at lo, or lo = 0 (no noise)
+    # Bisect until the binding target at ``hi`` is used to within rel_tol.
+    while all(t.limit - v > rel_tol * t.limit for v, t in zip(values_at(hi), musts)) and hi - lo > 1e-6:
         mid = (lo + hi) / 2
-        if _safe(eps_at, mid) <= epsilon:
+        if fits(mid):
             hi = mid
         else:
             lo = mid
     return hi
 
 
-def _safe(eps_at: Any, sigma: float) -> float:
-    """Epsilon at ``sigma``, treating numerical failure at tiny noise as an infinite cost."""
+def _safe(values_at: Any, sigma: float, count: int) -> list[float]:
+    """The targets' values at ``sigma``, treating numerical failure at tiny noise as an
+    infinite cost."""
     if sigma <= 0:
-        return math.inf
+        return [math.inf] * count
     try:
-        return eps_at(sigma)
+        return values_at(sigma)
     except (ValueError, RuntimeError, OverflowError, FloatingPointError, MemoryError):
-        return math.inf
+        return [math.inf] * count

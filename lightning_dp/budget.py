@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -17,6 +19,8 @@ from lightning_dp.accounting import (
     compute_epsilon,
     max_steps,
 )
+from lightning_dp.audit import PrivacyAudit
+from lightning_dp.risk import AdvantageTarget, PrivacyRisk, TprTarget, privacy_profile, risk_targets
 from lightning_dp.strategy import DPStrategy, _PrivateTraining
 
 if TYPE_CHECKING:
@@ -40,18 +44,40 @@ class PrivacyBudget(Callback):
     * **stops** the Trainer *before* any step that would take epsilon above ``epsilon``
       (overriding ``min_epochs``/``min_steps`` with a warning);
     * **logs** ``dp/epsilon`` (also on the progress bar), ``dp/noise_multiplier``,
-      ``dp/sample_rate``, ``dp/steps`` and ``dp/delta`` on every logging step;
+      ``dp/sample_rate``, ``dp/steps`` and ``dp/delta`` on every logging step, with the
+      attack-risk bounds of :mod:`lightning_dp.risk`: ``dp/risk/advantage``,
+      ``dp/risk/tpr_at_fpr_0.001``, ``dp/risk/tpr_at_fpr_0.01`` (and those of the TPR
+      targets), and ``dp/risk/reconstruction`` given ``kappa``;
     * **checkpoints** the ledger of every step taken, so ``fit(ckpt_path=...)`` continues
-      the spend exactly (a resume with another sample rate or noise adds a segment).
+      the spend exactly (a resume with another sample rate or noise adds a segment);
+    * **reports** at the end of ``fit`` (and on demand, :meth:`report`): writes
+      ``privacy_report.json`` and ``privacy_report.png`` into the logger's directory
+      (``default_root_dir`` without a logger) and prints a table on rank zero: epsilon, the
+      ledger, the membership-inference risk, a :class:`~lightning_dp.PrivacyAudit`'s result
+      when one is attached, and whether the safety checks held.
+
+    The budget is any of ``epsilon``, ``max_advantage`` and ``max_tpr_at_fpr`` (at least
+    one; all that are given must hold): the risk targets bound what a membership-inference
+    attacker can achieve, computed from the run's whole privacy profile (see
+    :mod:`lightning_dp.risk`), and are calibrated to and enforced like epsilon.
 
     Args:
-        epsilon: the budget's epsilon (> 0).
-        delta: the budget's delta, in (0, 1); should be well below 1/N for N examples.
+        epsilon: the budget's epsilon (> 0), or ``None`` for a budget of risk targets only.
+        delta: the delta at which epsilon is reported and bounded, in (0, 1); should be well
+            below 1/N for N examples.
         accountant: ``"prv"`` (default; tight numerical bound), ``"rdp"`` (looser, fast) or
             ``"gdp"`` (central-limit approximation: an estimate, not a bound).
+        report: write and print the privacy report at the end of ``fit`` (default ``True``).
+        max_advantage: bound on a membership-inference attacker's ``TPR - FPR``, in (0, 1).
+        max_tpr_at_fpr: ``{false-positive rate: max true-positive rate}``, e.g.
+            ``{0.01: 0.05}``: no attack flagging 1% of non-members may find more than 5% of
+            members. Each rate in (0, 1), each TPR above its rate and below 1.
+        kappa: log ``dp/risk/reconstruction``, the bound on reconstructing a record that a
+            baseline guesses with probability ``kappa`` in (0, 1).
 
     Attributes:
         epsilon_spent: epsilon at ``delta`` after the steps taken so far.
+        risk: the attack-risk bounds (:class:`~lightning_dp.risk.PrivacyRisk`) so far.
         steps: the number of private steps taken so far.
         noise_multiplier: the noise multiplier in force (``None`` before calibration).
 
@@ -64,16 +90,43 @@ class PrivacyBudget(Callback):
         ...                     logger=False)
         >>> budget.steps, budget.epsilon_spent  # after trainer.fit(model, datamodule=dm): what was spent
         (0, 0.0)
+        >>> risk_budget = PrivacyBudget(delta=1e-5, max_advantage=0.1, max_tpr_at_fpr={0.01: 0.05})
+        >>> risk_budget.risk.advantage, risk_budget.risk.tpr_at_fpr[0.01]  # nothing spent yet
+        (0.0, 0.01)
     """
 
-    def __init__(self, epsilon: float, delta: float, accountant: AccountantName = "prv") -> None:
-        if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+    def __init__(
+        self,
+        epsilon: Optional[float] = None,
+        delta: Optional[float] = None,
+        accountant: AccountantName = "prv",
+        report: bool = True,
+        *,
+        max_advantage: Optional[float] = None,
+        max_tpr_at_fpr: Optional[Mapping[float, float]] = None,
+        kappa: Optional[float] = None,
+    ) -> None:
+        if epsilon is not None and not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+        self._risk_targets = risk_targets(max_advantage, max_tpr_at_fpr)
+        if epsilon is None and not self._risk_targets:
+            raise ValueError(
+                "PrivacyBudget needs a budget: epsilon=..., max_advantage=... or max_tpr_at_fpr={fpr: tpr} "
+                "(any combination; all given must hold)."
+            )
+        if delta is None:
+            raise ValueError("PrivacyBudget needs delta=..., the delta at which epsilon is reported (e.g. 1e-5).")
+        if kappa is not None and not (isinstance(kappa, (int, float)) and not isinstance(kappa, bool) and 0 < kappa < 1):
+            raise ValueError(f"kappa (the reconstruction baseline) must be a number in (0, 1), got {kappa!r}")
+        self.kappa = None if kappa is None else float(kappa)
         if not (isinstance(delta, (int, float)) and 0 < delta < 1):
             raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
-        self.epsilon = float(epsilon)
+        if not isinstance(report, bool):
+            raise ValueError(f"report must be True or False, got {report!r}")
+        self.report_at_fit_end = report
+        self.epsilon = None if epsilon is None else float(epsilon)
         self.delta = float(delta)
         self.accountant: AccountantName = accountant
         self._ledger = PrivacyHistory()
@@ -96,6 +149,29 @@ class PrivacyBudget(Callback):
     @property
     def epsilon_spent(self) -> float:
         return compute_epsilon(self._ledger, self.delta, self.accountant)
+
+    @property
+    def max_advantage(self) -> Optional[float]:
+        """The advantage target enforced, or ``None``."""
+        found = [t.limit for t in self._risk_targets if isinstance(t, AdvantageTarget)]
+        return found[0] if found else None
+
+    @property
+    def max_tpr_at_fpr(self) -> dict[float, float]:
+        """The TPR targets enforced, ``{false-positive rate: max TPR}`` (empty if none)."""
+        return {t.fpr: t.limit for t in self._risk_targets if isinstance(t, TprTarget)}
+
+    @property
+    def risk(self) -> PrivacyRisk:
+        """Bounds on membership inference (at FPR 0.1%, 1% and the targets' rates) and, with
+        ``kappa``, reconstruction, for the steps taken so far."""
+        fprs = sorted({0.001, 0.01, *self.max_tpr_at_fpr})
+        return privacy_profile(self._ledger).risk(fprs, self.kappa)
+
+    def _budget_text(self) -> str:
+        parts = [] if self.epsilon is None else [f"epsilon={self.epsilon:g}"]
+        parts += [f"{t.name}<={t.limit:g}" for t in self._risk_targets]
+        return ", ".join(parts)
 
     @property
     def noise_multiplier(self) -> Optional[float]:
@@ -149,8 +225,7 @@ class PrivacyBudget(Callback):
                 f"PrivacyBudget(delta={self.delta:g}) is not below 1/N = {1 / n:.3g} for N={n} training examples: "
                 "a mechanism that publishes one whole example would meet it. Use delta << 1/N."
             )
-        planned_total = trainer.estimated_stepping_batches
-        remaining = planned_total - trainer.global_step
+        done, remaining = _private_steps_progress(trainer)
         if strategy.requested_noise_multiplier is None:
             if not math.isfinite(remaining):
                 raise ValueError(
@@ -160,7 +235,8 @@ class PrivacyBudget(Callback):
                 )
             try:
                 strategy.noise_multiplier = calibrate_noise(
-                    self._ledger, q, max(int(remaining), 1), self.epsilon, self.delta, self.accountant
+                    self._ledger, q, max(int(remaining), 1), self.epsilon, self.delta, self.accountant,
+                    targets=self._risk_targets,
                 )
             except ValueError:  # the ledger alone spends the budget: no step is allowed
                 strategy.noise_multiplier = strategy.noise_multiplier or math.inf
@@ -169,14 +245,14 @@ class PrivacyBudget(Callback):
         assert sigma is not None
         limit = int(remaining) if math.isfinite(remaining) else None
         extra = 0 if math.isinf(sigma) else max_steps(
-            self._ledger, sigma, q, self.epsilon, self.delta, self.accountant, limit=limit
+            self._ledger, sigma, q, self.epsilon, self.delta, self.accountant, limit=limit, targets=self._risk_targets
         )
         extra = trainer.strategy.broadcast(extra)
         self._allowed_steps = self._ledger.steps + extra
         self._planned_for = (sigma, q)
-        self._planned_end = trainer.global_step + remaining
+        self._planned_end = done + remaining
         rank_zero_info(
-            f"PrivacyBudget: epsilon={self.epsilon:g}, delta={self.delta:g} ({self.accountant}); noise multiplier "
+            f"PrivacyBudget: {self._budget_text()}, delta={self.delta:g} ({self.accountant}); noise multiplier "
             f"{sigma:.4g}, sample rate {q:.4g}; {self._ledger.steps} steps spent, the budget allows "
             f"{extra} more of the {remaining:g} planned."
         )
@@ -197,7 +273,7 @@ class PrivacyBudget(Callback):
             assert self._allowed_steps is not None
         if self._ledger.steps >= self._allowed_steps:
             raise PrivacyBudgetExhausted(
-                f"The privacy budget (epsilon={self.epsilon:g}, delta={self.delta:g}) allows {self._allowed_steps} "
+                f"The privacy budget ({self._budget_text()}, delta={self.delta:g}) allows {self._allowed_steps} "
                 f"steps at noise multiplier {strategy.noise_multiplier:g}, all taken, yet the Trainer asked for "
                 "another: something undid PrivacyBudget's stop or lowered the noise after it planned."
             )
@@ -224,6 +300,14 @@ class PrivacyBudget(Callback):
             "dp/steps": float(self._ledger.steps),
             "dp/delta": self.delta,
         }
+        # Memoised per ledger: a logging step costs one PLD composition (measured in
+        # tests/test_risk.py: ~0.4 s at 14,000 steps of q=0.004, milliseconds for small runs).
+        risk = self.risk
+        metrics["dp/risk/advantage"] = risk.advantage
+        for fpr, tpr in risk.tpr_at_fpr.items():
+            metrics[f"dp/risk/tpr_at_fpr_{fpr:g}"] = tpr
+        if risk.reconstruction is not None:
+            metrics["dp/risk/reconstruction"] = risk.reconstruction
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "dp/epsilon", batch_size=1)
 
@@ -237,10 +321,16 @@ class PrivacyBudget(Callback):
             after = f"one more step would spend {nxt:.4g}"
         else:
             after = "no noise level allows another step"
-        what = "the planned run ends" if trainer.global_step >= self._planned_end else "stopping"
+        what = "the planned run ends" if _private_steps_progress(trainer)[0] >= self._planned_end else "stopping"
+        if self.epsilon is not None:
+            budget = f"epsilon={spent:.4g} of {self.epsilon:g} (delta={self.delta:g}, {self.accountant})"
+        else:
+            budget = f"epsilon={spent:.4g} (delta={self.delta:g}, {self.accountant}, no epsilon target)"
+        for target in self._risk_targets:
+            budget += f", {target.name}={target.value(self._ledger):.4g} of {target.limit:g}"
         self.stopped_reason = (
             f"PrivacyBudget: {what} after {self._ledger.steps} private steps, the most the budget allows: "
-            f"epsilon={spent:.4g} of {self.epsilon:g} (delta={self.delta:g}, {self.accountant}); {after}."
+            f"{budget}; {after}."
         )
         rank_zero_info(self.stopped_reason)
         trainer.should_stop = True
@@ -253,14 +343,60 @@ class PrivacyBudget(Callback):
             fit_loop.min_epochs = 0
             fit_loop.epoch_loop.min_steps = 0
 
+    # ------------------------------------------------------------------ the report
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.report_at_fit_end:
+            return
+        audit = _audit_of(trainer)
+        if audit is not None:
+            audit.run(trainer, pl_module)  # whichever callback's on_fit_end comes first
+        self.report(trainer)
+
+    def report(
+        self, trainer: Optional[pl.Trainer] = None, directory: Optional[Union[str, Path]] = None, show: bool = True
+    ) -> dict[str, Any]:
+        """Build the privacy report, write ``privacy_report.json`` and ``privacy_report.png``
+        and print its table (rank zero only); return the report's dict.
+
+        Args:
+            trainer: the Trainer this callback is attached to: where the files go
+                (``trainer.log_dir``, else ``default_root_dir``), the strategy's safety
+                checks, and a :class:`~lightning_dp.PrivacyAudit`'s result. Call it on every
+                process (``log_dir`` is broadcast).
+            directory: write here instead of the Trainer's directory. With neither, nothing
+                is written (the report is still returned and printed).
+            show: print the table.
+        """
+        from lightning_dp.report import REPORT_PNG, build_report, print_report, safety_checks, write_report
+
+        audit = _audit_of(trainer) if trainer is not None else None
+        checks = safety_checks(self._strategy) if self._strategy is not None else None
+        built = build_report(self, audit.result if audit is not None else None, checks)
+        if directory is None and trainer is not None:
+            directory = trainer.log_dir or trainer.default_root_dir
+        if trainer is None or trainer.is_global_zero:
+            if directory is not None:
+                json_path, _ = write_report(built, directory, self._ledger)
+                rank_zero_info(f"PrivacyBudget: privacy report written to {json_path} (and {REPORT_PNG}).")
+            if show:
+                print_report(built)
+        return built
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        from lightning_dp.report import safety_checks
+
         return {
             "history": self._ledger.state_dict(),
             "epsilon": self.epsilon,
             "delta": self.delta,
             "accountant": self.accountant,
+            "max_advantage": self.max_advantage,
+            "max_tpr_at_fpr": self.max_tpr_at_fpr,
+            "kappa": self.kappa,
             "noise_multiplier": self.noise_multiplier,
+            # For `python -m lightning_dp report CHECKPOINT`: the facts behind the guarantee.
+            "safety_checks": safety_checks(self._strategy) if self._strategy is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -269,9 +405,33 @@ class PrivacyBudget(Callback):
         loaded = PrivacyHistory()
         loaded.load_state_dict(state_dict["history"])
         self._absorb(loaded, source="the checkpoint")
+        self._adopt_targets(state_dict)
+
+    def _adopt_targets(self, state: dict[str, Any]) -> None:
+        """Enforce the checkpoint's risk targets too (the stricter of each pair): a resume
+        must not loosen what the run promised."""
+        if self.epsilon is None and state.get("epsilon") is not None:
+            self.epsilon = float(state["epsilon"])
+        advantage = [a for a in (self.max_advantage, state.get("max_advantage")) if a is not None]
+        tprs = dict(self.max_tpr_at_fpr)
+        for fpr, tpr in (state.get("max_tpr_at_fpr") or {}).items():
+            tprs[float(fpr)] = min(float(tpr), tprs.get(float(fpr), math.inf))
+        merged = risk_targets(min(advantage) if advantage else None, tprs or None)
+        if merged != self._risk_targets:
+            rank_zero_warn(
+                f"PrivacyBudget: the checkpoint's risk targets are stricter than or not among this callback's; "
+                f"enforcing {', '.join(f'{t.name}<={t.limit:g}' for t in merged)}."
+            )
+            self._risk_targets = merged
+            self._allowed_steps = None  # plan again under them
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         global_step = int(checkpoint.get("global_step", 0))
+        if not pl_module.automatic_optimization:
+            # global_step counts every optimizer's steps (the generator's too); DPStrategy takes
+            # one private step per batch, so the batches trained are what the ledger must cover.
+            progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+            global_step = int(progress.get("total", {}).get("completed", global_step))
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         recorded = 0
         if state is not None:
@@ -307,3 +467,28 @@ class PrivacyBudget(Callback):
             for sigma, q, n in ledger.segments:
                 merged.record(sigma, q, n)
             ledger.segments = merged.segments
+
+
+def _audit_of(trainer: pl.Trainer) -> Optional[PrivacyAudit]:
+    audits = [c for c in trainer.callbacks if isinstance(c, PrivacyAudit)]  # type: ignore[attr-defined]
+    return audits[0] if audits else None
+
+
+def _private_steps_progress(trainer: pl.Trainer) -> tuple[float, float]:
+    """(steps taken, steps still planned) in units of private steps.
+
+    With automatic optimization these are optimizer steps. With manual optimization
+    ``global_step`` counts every optimizer's steps (a GAN's generator too) while DPStrategy
+    takes one private step per batch, so they are batches: the planned epochs' batches, capped
+    by ``max_steps`` (each batch takes at least its private step, so at most that many remain).
+    """
+    if trainer.lightning_module.automatic_optimization:
+        return trainer.global_step, trainer.estimated_stepping_batches - trainer.global_step
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    per_epoch = trainer.num_training_batches
+    left = math.inf
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(per_epoch):
+        left = (max(trainer.max_epochs, 1) - trainer.current_epoch) * per_epoch - batches.current.processed
+    if trainer.max_steps != -1:
+        left = min(left, trainer.max_steps - trainer.global_step)
+    return batches.total.processed, max(left, 0)

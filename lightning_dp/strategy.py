@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional, Union
 
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from lightning_dp.accounting import PrivacyHistory
 from lightning_dp.grads import PerSampleGradientMismatch, check_per_sample_grads, make_engine
 from lightning_dp.grads.engine import ENGINES, LossReduction, PerSampleGradEngine, silenced_logging
+from lightning_dp.manual import _ManualPrivacy, _empty_batch_like
 from lightning_dp.mechanism import GaussianMechanism
 from lightning_dp.modules import UnsupportedModuleError, replace_batch_norm, unsupported_layers
 from lightning_dp.sampling import (
@@ -74,6 +75,7 @@ class _PrivateTraining:
         engine: str,
         check_per_sample_grads: bool,
         replace_batch_norm: bool,
+        private_optimizers: Optional[Sequence[int]] = None,
     ) -> None:
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a number > 0, got {max_grad_norm!r}")
@@ -87,6 +89,17 @@ class _PrivateTraining:
             raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if private_optimizers is not None and not (
+            isinstance(private_optimizers, Sequence)
+            and not isinstance(private_optimizers, str)
+            and len(private_optimizers) > 0
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in private_optimizers)
+            and len(set(private_optimizers)) == len(private_optimizers)
+        ):
+            raise ValueError(
+                "private_optimizers must be None (all optimizers are private) or a non-empty list of distinct "
+                f"optimizer indices >= 0, in configure_optimizers' order; got {private_optimizers!r}"
+            )
         self.max_grad_norm = float(max_grad_norm)
         self.requested_noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         self.noise_multiplier: Optional[float] = self.requested_noise_multiplier
@@ -95,6 +108,7 @@ class _PrivateTraining:
         self.loss_reduction: LossReduction = loss_reduction
         self.check_per_sample_grads = check_per_sample_grads
         self.replace_batch_norm = replace_batch_norm
+        self.private_optimizers = None if private_optimizers is None else list(private_optimizers)
         self.engine_name = engine
         #: The engine computing per-sample gradients, chosen at fit start.
         self.engine: Optional[PerSampleGradEngine] = None
@@ -107,6 +121,11 @@ class _PrivateTraining:
         self._dp_fitting = False
         self._sampling_generator: Optional[torch.Generator] = None
         self._engine_params: frozenset[nn.Parameter] = frozenset()
+        #: What the start-of-fit per-sample gradient check did (read by the privacy report):
+        #: ``{"engine", "verified", "examples", "worst_relative_error"}``; ``None`` before a fit.
+        self.grad_check: Optional[dict[str, Any]] = None
+        #: The manual-optimization state of the current fit (``None`` with automatic optimization).
+        self._manual: Optional[_ManualPrivacy] = None
 
     # ------------------------------------------------------------------ multi-process hooks
     def _shard(self) -> tuple[int, int]:
@@ -157,11 +176,15 @@ class _PrivateTraining:
     def _check_trainer(self, trainer: pl.Trainer) -> None:
         module = self.lightning_module
         assert module is not None
-        if not module.automatic_optimization:
-            raise ValueError(
-                "DPStrategy supports automatic optimization only: this LightningModule sets "
-                "automatic_optimization = False. Let Lightning call backward and step."
-            )
+        if module.automatic_optimization:
+            if self.private_optimizers is not None:
+                raise ValueError(
+                    f"DPStrategy(private_optimizers={self.private_optimizers}) applies to manual optimization "
+                    "(automatic_optimization = False); with automatic optimization the one optimizer is private. "
+                    "Remove private_optimizers."
+                )
+        else:
+            self._check_manual_optimization()
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported "
@@ -179,6 +202,19 @@ class _PrivateTraining:
             raise ValueError(
                 "precision='16-mixed' uses a gradient scaler that DP-SGD's per-sample gradients bypass. "
                 "Use precision='bf16-mixed' or '32-true'."
+            )
+
+    def _check_manual_optimization(self) -> None:
+        if not isinstance(self, SingleDeviceStrategy):
+            raise ValueError(
+                f"{type(self).__name__} does not support manual optimization (automatic_optimization = False): "
+                "use DPStrategy on one device, or automatic optimization."
+            )
+        if self.max_physical_batch_size is not None:
+            raise ValueError(
+                f"DPStrategy(max_physical_batch_size={self.max_physical_batch_size}) is not supported with manual "
+                "optimization: training_step takes each Poisson batch whole, as it steps the optimizers itself. "
+                "Remove max_physical_batch_size, or lower the DataLoader's batch_size."
             )
 
     # ------------------------------------------------------------------ data
@@ -244,12 +280,34 @@ class _PrivateTraining:
                 "DPStrategy is training without a PrivacyBudget callback: the mechanism runs, but nothing "
                 "tracks, logs or limits the privacy spent."
             )
+        if not self.lightning_module.automatic_optimization:
+            self._start_manual()
+            return
         if not self.check_per_sample_grads:
             rank_zero_warn(
                 "DPStrategy(check_per_sample_grads=False): per-sample gradients are not verified for this "
                 "model; if they are wrong, the privacy guarantee does not hold."
             )
         self._choose_engine()
+
+    def _start_manual(self) -> None:
+        """Manual optimization: no engine; per-example gradients come from the per-example loss
+        given to ``manual_backward`` (``manual.py``)."""
+        trainer = self.lightning_module.trainer
+        loader = self.train_dataloader
+        assert loader is not None
+        if not self.check_per_sample_grads:
+            rank_zero_warn(
+                "DPStrategy(check_per_sample_grads=False): the per-example gradients of the private loss are not "
+                "checked against one backward pass per example, nor for cross-talk between examples."
+            )
+        to_device = super().batch_to_device  # type: ignore[misc]
+        # The manual path checks on its first draw of two or more examples, raising on a mismatch.
+        self.grad_check = {"engine": "manual", "verified": self.check_per_sample_grads}
+        self._manual = _ManualPrivacy(
+            self, trainer.optimizers, self.private_optimizers, _empty_batch_like(loader, to_device),
+            self.check_per_sample_grads,
+        )
 
     def _choose_engine(self) -> None:
         """Attach the engine to train with: the one named, or with ``"auto"`` the first whose
@@ -259,6 +317,7 @@ class _PrivateTraining:
         if self.engine is not None:
             self.engine.detach()
         self.engine = None
+        self.grad_check = None
         rejected: dict[str, str] = {}
         for name in ENGINES if self.engine_name == "auto" else (self.engine_name,):
             engine = make_engine(name, self.loss_reduction)
@@ -276,6 +335,7 @@ class _PrivateTraining:
                 rejected[name] = str(err)
                 continue
             self.engine = engine
+            self.grad_check = {"engine": name, "verified": self.check_per_sample_grads, **(self.grad_check or {})}
             self._engine_params = frozenset(_trainable(module))
             passed_over = "".join(f"\n  - '{n}' passed over: {why}" for n, why in rejected.items())
             rank_zero_info(f"DPStrategy: per-sample gradients by the '{name}' engine ({verified}).{passed_over}")
@@ -307,6 +367,7 @@ class _PrivateTraining:
                 engine, module, _trainable(module), batch_of, lambda b: self._run_training_step(b, 0),
                 list(range(n)), self.loss_reduction,
             )
+        self.grad_check = {"examples": n, "worst_relative_error": float(worst)}
         return (
             f"verified against one-example backward passes on {n} training examples: largest relative error "
             f"{worst:.1e}, in {time.perf_counter() - start:.2f} s"
@@ -341,6 +402,8 @@ class _PrivateTraining:
         if self.budget is not None:
             self.budget.ensure_step_allowed(self.lightning_module.trainer)
         module = self.lightning_module
+        if self._manual is not None:
+            return self._manual_training_step(batch, *rest, **kwargs)
         assert module is not None and self.engine is not None
         params = _trainable(module)
         if frozenset(params) != self._engine_params:
@@ -368,9 +431,25 @@ class _PrivateTraining:
             return {**output, "loss": mean_loss}
         return mean_loss
 
+    def _manual_training_step(self, batch: PoissonBatch, *rest: Any, **kwargs: Any) -> Any:
+        module = self.lightning_module
+        manual = self._manual
+        assert module is not None and manual is not None
+
+        def run(data: Any) -> Any:
+            with _logged_once_per_step(module) as logs, self.precision_plugin.train_step_context():
+                logs.chunk_size = max(batch.size, 1)
+                return module.training_step(data, *rest, **kwargs)
+
+        return manual.training_step(batch, run)
+
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if not self._dp_fitting:
             return super().backward(closure_loss, optimizer, *args, **kwargs)
+        if self._manual is not None:
+            plain = super().backward  # type: ignore[misc]
+            self._manual.backward(closure_loss, lambda loss: plain(loss, optimizer, *args, **kwargs))
+            return closure_loss
         # The per-example backward passes already ran in training_step; keep the hooks' order.
         module = self.lightning_module
         assert module is not None
@@ -383,6 +462,8 @@ class _PrivateTraining:
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         if not self._dp_fitting:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._manual is not None and not self._manual.is_private(optimizer):
+            return super().optimizer_step(optimizer, closure, model, **kwargs)  # public: no clipping, no noise
         calls = 0
 
         def private_closure() -> Any:
@@ -395,7 +476,10 @@ class _PrivateTraining:
                     "optimizer with DP training."
                 )
             result = closure()
-            self._release()
+            if self._manual is not None:
+                self._manual.release(optimizer)
+            else:
+                self._release()
             return result
 
         return super().optimizer_step(optimizer, private_closure, model, **kwargs)
@@ -417,6 +501,7 @@ class _PrivateTraining:
                 self.engine.detach()
             self._dp_fitting = False
             self._pending = self._mechanism = None
+            self._manual = None
             self._sampling_generator = None
             _remove_warning_filter(_EMPTY_STEP_WARNING)
         super().teardown()
@@ -460,6 +545,13 @@ class DPStrategy(_PrivateTraining, SingleDeviceStrategy):
             to train on mismatch. Turn off only after verifying the gradients yourself.
         replace_batch_norm: replace BatchNorm layers by GroupNorm in the model the Trainer
             trains (otherwise they are refused).
+        private_optimizers: with manual optimization (``automatic_optimization = False``), the
+            indices (in ``configure_optimizers`` order) of the optimizers whose parameters
+            train on the private data; ``None`` (default): all. Each training step must pass
+            its private loss *per example*, shape ``(batch size,)``, to ``manual_backward`` and
+            step one private optimizer once; the others (e.g. a GAN's generator, which sees
+            only the discriminator) step on scalar losses that must not read the batch,
+            without clipping, noise or accounting. See :mod:`lightning_dp.manual`.
         device: the device to train on; by default the one the Trainer's accelerator picks.
 
     Example::
@@ -474,6 +566,9 @@ class DPStrategy(_PrivateTraining, SingleDeviceStrategy):
         ... )
         >>> type(L.Trainer(strategy="dp", logger=False).strategy).__name__  # by name, once imported
         'DPStrategy'
+        >>> gan = DPStrategy(max_grad_norm=1.0, private_optimizers=[1])  # manual: only optimizer 1 reads data
+        >>> gan.private_optimizers
+        [1]
 
     Then ``trainer.fit(model, datamodule=dm)`` with an unchanged LightningModule.
     """
@@ -490,6 +585,7 @@ class DPStrategy(_PrivateTraining, SingleDeviceStrategy):
         engine: Literal["auto", "ghost", "hooks", "functorch", "loop"] = "auto",
         check_per_sample_grads: bool = True,
         replace_batch_norm: bool = False,
+        private_optimizers: Optional[Sequence[int]] = None,
         device: Optional[Union[str, torch.device]] = None,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -506,7 +602,7 @@ class DPStrategy(_PrivateTraining, SingleDeviceStrategy):
         self.parallel_devices: Optional[list[torch.device]] = [torch.device(device)] if device is not None else None
         self._init_private(
             max_grad_norm, noise_multiplier, max_physical_batch_size, secure_mode, loss_reduction, engine,
-            check_per_sample_grads, replace_batch_norm,
+            check_per_sample_grads, replace_batch_norm, private_optimizers,
         )
 
     # ------------------------------------------------------------------ devices

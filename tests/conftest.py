@@ -112,6 +112,13 @@ def _seed() -> None:
     L.seed_everything(0, verbose=False)
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Trainers without a logger write lightning_logs/ and privacy_report.* into the working
+    # directory: keep them out of the checkout.
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def dataset() -> TensorDataset:
     return make_dataset()

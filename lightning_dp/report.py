@@ -1,0 +1,266 @@
+"""The privacy report: what a run spent, what that means for an attacker, and whether every
+safety check held, as ``privacy_report.json``, a figure (``privacy_report.png``) and a table.
+
+:class:`~lightning_dp.PrivacyBudget` writes it at the end of ``fit`` into the logger's
+directory (``trainer.log_dir``; ``default_root_dir`` without a logger) and on demand with
+``budget.report(trainer)``; ``python -m lightning_dp report CHECKPOINT`` prints it from a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import numpy as np
+
+from lightning_dp.accounting import PrivacyHistory, compute_epsilon
+from lightning_dp.sampling import is_poisson_dataloader
+
+if TYPE_CHECKING:
+    from lightning_dp.audit import AuditResult
+    from lightning_dp.budget import PrivacyBudget
+    from lightning_dp.strategy import _PrivateTraining
+
+__all__ = ["REPORT_JSON", "REPORT_PNG", "build_report", "print_report", "write_report"]
+
+REPORT_JSON = "privacy_report.json"
+REPORT_PNG = "privacy_report.png"
+
+#: Points of the epsilon-over-steps curve: each is one accountant query (PRV: ~0.1-0.3 s).
+_CURVE_POINTS = 6
+_FPRS = (0.001, 0.01)
+
+_ACCOUNTANT_ERROR = {
+    "prv": {"kind": "upper bound", "tolerance": 0.01,
+            "note": "numerical PRV accountant (Opacus): an upper bound on epsilon, within 0.01 of the exact value"},
+    "rdp": {"kind": "upper bound", "tolerance": None,
+            "note": "Renyi DP converted to (epsilon, delta): a valid but loose upper bound"},
+    "gdp": {"kind": "estimate", "tolerance": None,
+            "note": "Gaussian DP central-limit approximation: an estimate, not a bound"},
+}
+
+
+def safety_checks(strategy: _PrivateTraining) -> dict[str, Any]:
+    """The facts behind the guarantee, read from a DP strategy after its fit started:
+    Poisson sampling of the training loader, secure mode, and the per-sample gradient check.
+
+    ``passed`` is true only when the loader was Poisson-sampled and the per-sample gradients
+    were verified (a failed check stops ``fit``, so a verified check that let training run
+    passed). The manual-optimization path checks on its first draw of two or more examples.
+    """
+    loader = strategy.train_dataloader
+    poisson = loader is not None and is_poisson_dataloader(loader)
+    check = strategy.grad_check
+    verified = bool(check and check.get("verified") and (check.get("engine") == "manual" or check.get("examples")))
+    return {
+        "poisson_sampling": poisson,
+        "secure_mode": bool(strategy.secure_mode),
+        "per_sample_gradient_check": None if check is None else dict(check),
+        "passed": bool(poisson and verified),
+    }
+
+
+def build_report(
+    budget: PrivacyBudget,
+    audit: Optional[AuditResult] = None,
+    checks: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """The privacy report of ``budget``'s ledger as a JSON-serialisable dict.
+
+    Keys: ``epsilon`` (spent), ``epsilon_budget`` (and the risk targets ``max_advantage``,
+    ``max_tpr_at_fpr``; ``None`` when not set), ``delta``, ``accountant``,
+    ``accountant_error``, ``noise_multiplier`` and ``sample_rate`` (of the last segment, or
+    in force), ``steps``, ``segments``, ``epsilon_curve`` (``[steps, epsilon]`` pairs),
+    ``risk`` (``advantage``, ``tpr_at_fpr`` keyed by the FPR as a string, ``reconstruction``,
+    ``kappa``), ``audit`` (``None`` when no audit ran), ``safety_checks`` (``None`` when not
+    known), ``stopped_reason`` and ``versions``. A non-finite number is written as the string
+    ``"inf"`` / ``"nan"`` so that the file stays strict JSON.
+
+    Example:
+        >>> from lightning_dp import PrivacyBudget
+        >>> budget = PrivacyBudget(epsilon=3.0, delta=1e-5, accountant="rdp")
+        >>> budget.history.record(1.0, 0.01, 100)
+        >>> report = build_report(budget)
+        >>> report["steps"], report["noise_multiplier"], round(report["epsilon"], 3)
+        (100, 1.0, 1.214)
+    """
+    from lightning_dp.risk import privacy_risk
+
+    history = budget.history
+    segments = history.segments
+    sigma = segments[-1][0] if segments else budget.noise_multiplier
+    q = segments[-1][1] if segments else None
+    targets = dict(budget.max_tpr_at_fpr or {})
+    risk = privacy_risk(history, fprs=sorted({*_FPRS, *map(float, targets)}), kappa=budget.kappa)
+    report = {
+        "epsilon": budget.epsilon_spent,
+        "epsilon_budget": budget.epsilon,
+        "max_advantage": budget.max_advantage,
+        "max_tpr_at_fpr": {f"{float(fpr):g}": tpr for fpr, tpr in targets.items()} or None,
+        "delta": budget.delta,
+        "accountant": budget.accountant,
+        "accountant_error": _ACCOUNTANT_ERROR[budget.accountant],
+        "noise_multiplier": sigma,
+        "sample_rate": q,
+        "steps": history.steps,
+        "segments": [{"noise_multiplier": s, "sample_rate": r, "steps": n} for s, r, n in segments],
+        "epsilon_curve": _epsilon_curve(history, budget.delta, budget.accountant),
+        "risk": {
+            "advantage": risk.advantage,
+            "tpr_at_fpr": {f"{float(fpr):g}": tpr for fpr, tpr in risk.tpr_at_fpr.items()},
+            "reconstruction": risk.reconstruction,
+            "kappa": risk.kappa,
+        },
+        "audit": None if audit is None else audit.to_dict(),
+        "safety_checks": checks,
+        "stopped_reason": budget.stopped_reason,
+        "versions": _versions(),
+    }
+    return _finite(report)
+
+
+def write_report(report: dict[str, Any], directory: Union[str, Path], history: Optional[PrivacyHistory] = None
+                 ) -> tuple[Path, Path]:
+    """Write ``privacy_report.json`` and ``privacy_report.png`` into ``directory`` (created if
+    missing) and return their paths. The figure's ROC bound is drawn from ``history`` (the
+    ledger the report was built from; rebuilt from the report's segments when omitted)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = directory / REPORT_JSON, directory / REPORT_PNG
+    json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    if history is None:
+        history = PrivacyHistory([(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in report["segments"]])
+    _plot(report, history, png_path)
+    return json_path, png_path
+
+
+def print_report(report: dict[str, Any], console: Optional[Any] = None) -> None:
+    """Print the report as a short ``rich`` table (to ``console``, default standard output)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Privacy report", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    eps, err = report["epsilon"], report["accountant_error"]
+    table.add_row("epsilon spent", f"{_fmt(eps)} of {_fmt(report['epsilon_budget'])} ({err['kind']})")
+    if report.get("max_advantage") is not None or report.get("max_tpr_at_fpr"):
+        limits = [f"advantage <= {report['max_advantage']:g}"] if report.get("max_advantage") is not None else []
+        limits += [f"TPR at FPR {fpr} <= {tpr:g}" for fpr, tpr in (report.get("max_tpr_at_fpr") or {}).items()]
+        table.add_row("risk budget", "; ".join(limits))
+    table.add_row("delta", f"{report['delta']:g}")
+    table.add_row("accountant", f"{report['accountant']}: {err['note']}")
+    table.add_row("noise multiplier", _fmt(report["noise_multiplier"]))
+    table.add_row("sample rate", _fmt(report["sample_rate"]))
+    table.add_row("steps", f"{report['steps']} in {len(report['segments'])} segment(s)")
+    risk = report["risk"]
+    table.add_row("membership advantage (bound)", _fmt(risk["advantage"]))
+    for fpr, tpr in risk["tpr_at_fpr"].items():
+        table.add_row(f"TPR at FPR {fpr} (bound)", _fmt(tpr))
+    if risk.get("reconstruction") is not None:
+        table.add_row(f"reconstruction success (bound, kappa={_fmt(risk['kappa'])})", _fmt(risk["reconstruction"]))
+    audit = report["audit"]
+    table.add_row(
+        "audit epsilon lower bound",
+        "no audit" if audit is None else (
+            f"{_fmt(audit['epsilon_lower_bound'])} ({audit['correct']}/{audit['guesses']} guesses right, "
+            f"{audit['canaries']} canaries, confidence {1 - audit['p']:g})"
+        ),
+    )
+    checks = report["safety_checks"]
+    if checks is None:
+        status = "not recorded"
+    else:
+        grad = checks["per_sample_gradient_check"] or {}
+        detail = f"engine {grad.get('engine', '?')}"
+        if grad.get("worst_relative_error") is not None:
+            detail += f", worst relative error {grad['worst_relative_error']:.1e} on {grad['examples']} examples"
+        elif not grad.get("verified"):
+            detail += ", per-sample gradients NOT verified"
+        verdict = "passed" if checks["passed"] else "NOT passed"
+        status = f"{verdict} (Poisson sampling: {checks['poisson_sampling']}; {detail})"
+    table.add_row("safety checks", status)
+    (console or Console()).print(table)
+
+
+# ---------------------------------------------------------------------- helpers
+def _epsilon_curve(history: PrivacyHistory, delta: float, accountant: str) -> list[list[float]]:
+    total = history.steps
+    if total == 0:
+        return [[0, 0.0]]
+    marks = sorted({int(round(x)) for x in np.linspace(0, total, _CURVE_POINTS)})
+    return [[n, compute_epsilon(_prefix(history, n), delta, accountant)] for n in marks]  # type: ignore[arg-type]
+
+
+def _prefix(history: PrivacyHistory, steps: int) -> PrivacyHistory:
+    """The ledger of the first ``steps`` steps."""
+    out = PrivacyHistory()
+    for sigma, q, n in history.segments:
+        take = min(n, steps - out.steps)
+        if take <= 0:
+            break
+        out.record(sigma, q, take)
+    return out
+
+
+def _plot(report: dict[str, Any], history: PrivacyHistory, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display here; a backend the user already chose is kept
+    from matplotlib.figure import Figure
+
+    from lightning_dp.risk import tpr_bound
+
+    # A bare Figure (not pyplot) leaves the user's pyplot state and backend untouched.
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_eps, ax_roc = fig.subplots(1, 2)
+    curve = [(n, e) for n, e in report["epsilon_curve"] if isinstance(e, (int, float))]
+    if curve:
+        ax_eps.plot(*zip(*curve), marker="o", label=f"epsilon ({report['accountant']})")
+    if isinstance(report["epsilon_budget"], (int, float)):
+        ax_eps.axhline(report["epsilon_budget"], color="tab:red", linestyle="--", label="budget")
+    ax_eps.set(xlabel="private steps", ylabel=f"epsilon at delta={report['delta']:g}", title="Privacy spent")
+    ax_eps.legend()
+    fpr = np.linspace(0.0, 1.0, 201)
+    ax_roc.plot(fpr, np.asarray(tpr_bound(history, fpr), dtype=float), label="the most any attack can reach")
+    ax_roc.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1),
+               title="Membership inference: ROC bound")
+    ax_roc.legend(loc="lower right")
+    fig.savefig(path, dpi=100)
+
+
+def _versions() -> dict[str, str]:
+    from lightning_dp import __version__
+
+    versions = {"lightning_dp": __version__, "python": platform.python_version()}
+    for dist in ("torch", "lightning", "opacus", "dp-accounting", "numpy", "scipy"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def _finite(value: Any) -> Any:
+    """Numbers JSON can hold: numpy scalars as Python ones, non-finite floats as strings."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
