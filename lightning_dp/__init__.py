@@ -6,8 +6,9 @@
 
 from lightning_dp.audit import PrivacyAudit
 from lightning_dp.budget import PrivacyBudget, PrivacyBudgetExhausted
+from lightning_dp.canary import CanaryExposure
 from lightning_dp.ddp import DPDDPStrategy
 from lightning_dp.strategy import DPStrategy
 
-__all__ = ["DPDDPStrategy", "DPStrategy", "PrivacyAudit", "PrivacyBudget", "PrivacyBudgetExhausted"]
+__all__ = ["CanaryExposure", "DPDDPStrategy", "DPStrategy", "PrivacyAudit", "PrivacyBudget", "PrivacyBudgetExhausted"]
 __version__ = "0.1.0"
