@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (see README):
-#   make demo   create .venv, install, run the quickstart example end to end
+#   make demo   create .venv, install, run the quickstart example and the byte-level GPT end to end
 #   make test   create .venv, install, run the test suite (what .ci/run runs)
 # torch is pinned through constraints.txt: an unpinned torch pulls GBs of CUDA packages on a CPU box.
 
@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: venv
 	$(BIN)/python examples/quickstart_digits.py
+	$(BIN)/python examples/char_gpt.py --canaries 2
 
 test: venv
 	$(BIN)/python -m pytest -q
