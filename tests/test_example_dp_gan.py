@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -27,3 +28,5 @@ def test_dp_gan_fast_mode_spends_only_the_discriminators_steps(tmp_path: Path, c
     assert grid.ndim == 3 and grid.shape[0] > 200 and grid.shape[1] > 200  # a 10 x 10 grid of digits
     assert mpimg.imread(result["utility_png"]).ndim == 3
     assert "epsilon spent:" in capsys.readouterr().out
+    report = json.loads((tmp_path / "privacy_report.json").read_text())  # next to the figures
+    assert report["epsilon"] == pytest.approx(result["epsilon"]) and report["steps"] == result["steps"]
