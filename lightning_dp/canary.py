@@ -218,6 +218,9 @@ class CanaryExposure(Callback):
         fields = [f for _, f, _, _ in string.Formatter().parse(format) if f is not None] if isinstance(format, str) else None
         if fields != ["secret"]:
             raise ValueError(f"format must be a string with exactly one '{{secret}}' field and no other, got {format!r}")
+        if format.startswith("{secret}"):
+            # The likelihood scores tokens after the first: the secret's first character would go unscored.
+            raise ValueError(f"format must start with some text before '{{secret}}' (e.g. 'my number is {{secret}}'), got {format!r}")
         if not (isinstance(alphabet, str) and len(alphabet) >= 2 and len(set(alphabet)) == len(alphabet)):
             raise ValueError(f"alphabet must be a string of at least 2 distinct characters, got {alphabet!r}")
         for name, value, low in (
@@ -271,7 +274,8 @@ class CanaryExposure(Callback):
     @property
     def ceiling(self) -> float:
         """The largest exposure the measurement reports: ``log2 |R|`` when every candidate is
-        scored, else ``log2(num_candidates + 1)``."""
+        scored (less ``log2`` of the other inserted canaries, which are not candidates), else
+        ``log2(num_candidates + 1)``."""
         return math.log2(self.space_size) if self.exact else math.log2(self.num_candidates + 1)
 
     @property
@@ -418,16 +422,18 @@ class CanaryExposure(Callback):
         finally:
             pl_module.train(mode)
         drawn = torch.tensor(candidates)
+        # The other inserted canaries are not candidates: a memorised one would outrank every
+        # secret, pushing each canary's (and reference's) rank down by as many as were inserted.
+        inserted = torch.isin(drawn, torch.tensor(self._secrets))
         exposures = []
         for secret, score in zip(secrets, own.tolist()):
-            # The secret against the *other* candidates (a draw may repeat it); ties count
+            # The secret against the other candidates (a draw may repeat it); ties count
             # against it, so the estimate errs low, never high.
-            others_mask = drawn != secret
+            others_mask = (drawn != secret) & ~inserted
             k = int((others[others_mask] >= score).sum())
-            if self.exact:  # k + 1 is the exact rank
-                exposures.append(math.log2(self.space_size) - math.log2(k + 1))
-            else:  # (k + 1) / (m + 1) estimates rank / |R|
-                exposures.append(math.log2(int(others_mask.sum()) + 1) - math.log2(k + 1))
+            # Exact: k + 1 is the rank among the m + 1 candidates (|R| for a single canary).
+            # Sampled: (k + 1) / (m + 1) estimates rank / |R|.
+            exposures.append(math.log2(int(others_mask.sum()) + 1) - math.log2(k + 1))
         return exposures
 
     def _score(self, texts: list[str], pl_module: pl.LightningModule) -> Tensor:

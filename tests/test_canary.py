@@ -101,17 +101,23 @@ def fit(canary: CanaryExposure, private: bool, epochs: int, tmp_path: Path, **tr
 
 def brute_force_exposures(model: WindowLM, canary: CanaryExposure, texts: list[str]) -> list[float]:
     """Exposures from every candidate's log-likelihood, computed position by position here."""
-    candidates = [canary.format.format(secret=str(i).zfill(SECRET_LENGTH)) for i in range(10**SECRET_LENGTH)]
+    everything = [canary.format.format(secret=str(i).zfill(SECRET_LENGTH)) for i in range(10**SECRET_LENGTH)]
+    exposures = []
+    for text in texts:
+        # Candidates: every secret but the *other* inserted canaries.
+        candidates = [c for c in everything if c == text or c not in canary.canaries]
+        exposures.append(_brute_force_exposure(model, candidates, text))
+    return exposures
+
+
+def _brute_force_exposure(model: WindowLM, candidates: list[str], text: str) -> float:
     ids = torch.stack([encode(t) for t in candidates])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids[:, :-1]).double(), dim=-1)
     rows = torch.arange(len(candidates))
     scores = sum(logp[rows, t, ids[:, t + 1]] for t in range(ids.shape[1] - 1))
-    exposures = []
-    for text in texts:
-        rank = int((scores >= scores[candidates.index(text)]).sum())  # 1 = the most likely
-        exposures.append(math.log2(len(candidates)) - math.log2(rank))
-    return exposures
+    rank = int((scores >= scores[candidates.index(text)]).sum())  # 1 = the most likely
+    return math.log2(len(candidates)) - math.log2(rank)
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +240,7 @@ def test_default_log_likelihood_masks_padding_and_ignores_the_first_token() -> N
         ({"format": "my number is"}, "exactly one '{secret}' field"),
         ({"format": "{secret} and {secret}"}, "exactly one '{secret}' field"),
         ({"format": "{name}: {secret}"}, "exactly one '{secret}' field"),
+        ({"format": "{secret} is my number"}, "must start with some text before '{secret}'"),
         ({"alphabet": "1"}, "at least 2 distinct"),
         ({"alphabet": "112"}, "at least 2 distinct"),
         ({"secret_length": 0}, "secret_length must be an int >= 1"),
