@@ -412,6 +412,20 @@ class PrivacyBudget(Callback):
         must not loosen what the run promised."""
         if self.epsilon is None and state.get("epsilon") is not None:
             self.epsilon = float(state["epsilon"])
+        elif self.epsilon is not None and state.get("epsilon") is not None and self.epsilon > state["epsilon"]:
+            # Allowed (the ledger keeps every step spent, so the epsilon reported stays true), but
+            # the run's guarantee becomes the larger figure: say so.
+            rank_zero_warn(
+                f"PrivacyBudget: resuming a run budgeted at epsilon={state['epsilon']:g} with epsilon={self.epsilon:g}: "
+                f"the budget is raised, and the run's guarantee is the larger epsilon. Pass "
+                f"epsilon={state['epsilon']:g} to keep the original budget."
+            )
+        for name in ("delta", "accountant"):
+            if state.get(name) is not None and state[name] != getattr(self, name):
+                rank_zero_warn(
+                    f"PrivacyBudget: the checkpoint's run was accounted with {name}={state[name]!r}, this callback "
+                    f"uses {name}={getattr(self, name)!r}; the whole ledger is now reported with the latter."
+                )
         advantage = [a for a in (self.max_advantage, state.get("max_advantage")) if a is not None]
         tprs = dict(self.max_tpr_at_fpr)
         for fpr, tpr in (state.get("max_tpr_at_fpr") or {}).items():

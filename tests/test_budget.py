@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -286,3 +287,18 @@ def test_a_resumed_run_does_not_replay_the_first_runs_poisson_draws(tmp_path: Pa
     resumed = run(2, str(tmp_path / "ckpt" / "last.ckpt"))
     assert len(first) > 4 and len(resumed) > 4
     assert first != resumed
+
+
+def test_resuming_with_a_larger_epsilon_or_another_delta_warns() -> None:
+    spent = PrivacyBudget(epsilon=2.0, delta=1e-5)
+    spent.history.record(1.0, 0.01, 100)
+    state = spent.state_dict()
+    with pytest.warns(UserWarning, match="budgeted at epsilon=2 with epsilon=3: the budget is raised"):
+        PrivacyBudget(epsilon=3.0, delta=1e-5).load_state_dict(state)
+    with pytest.warns(UserWarning, match="accounted with delta=1e-05, this callback uses delta=1e-06"):
+        PrivacyBudget(epsilon=2.0, delta=1e-6).load_state_dict(state)
+    same = PrivacyBudget(epsilon=1.5, delta=1e-5)  # a smaller budget: the stricter one, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(state)
+    assert same.steps == 100
