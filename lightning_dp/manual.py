@@ -11,9 +11,15 @@ optimizer's step the DP-SGD release and nothing else:
   exactly by autograd (``is_grads_batched``), for the private optimizers' parameters only: it
   never lands in any ``param.grad``. Several private losses in one draw add up per example
   before clipping (Opacus's pairing of a real row with a fake row).
-* **Public loss.** A scalar loss runs the ordinary backward. It must not read the batch: the
-  batch's floating-point tensors reach ``training_step`` as graph leaves, and a scalar loss
-  whose gradient reaches them is refused.
+* **Public loss.** A scalar loss runs the ordinary backward. It must not read the batch.
+  While ``training_step`` runs, a ``TorchFunctionMode`` follows every tensor computed from
+  the batch's tensors (of any dtype: labels and token ids too; through ``detach`` and
+  ``no_grad``; into buffers written in place), and a backward pass of such a tensor other
+  than the private one is refused *before* it writes any gradient: ``manual_backward`` of a
+  scalar, ``loss.backward()``, ``torch.autograd.backward``. What leaves torch leaves the
+  tracking: Python numbers (``.item()``, ``len(batch)``, ``x.shape[0]``). So the generator's
+  loss must not use the batch's size or values through them: draw a fixed number of fakes
+  (the expected batch size) with public labels.
 * **Private step.** ``opt.step()`` on a private optimizer writes
   ``(sum_i clip_C(g_i) + N(0, (sigma C)^2)) / (q N)`` into its parameters' ``.grad``,
   overwriting whatever a public backward left there, records one step in the ledger, then
@@ -33,8 +39,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from lightning_dp.grads.check import RTOL, PerSampleGradientMismatch
 from lightning_dp.grads.engine import Materialized
@@ -58,14 +67,67 @@ _ONE_PRIVATE_STEP = (
 class _Draw:
     """What happened on one Poisson draw so far."""
 
-    def __init__(self, batch: PoissonBatch, leaves: list[Tensor]) -> None:
+    def __init__(self, batch: PoissonBatch, leaves: list[Tensor], taint: _BatchTaint) -> None:
         self.size = batch.size
         self.sample_rate = batch.sample_rate
         self.expected_size = batch.expected_size
         self.leaves = leaves
+        self.taint = taint
         self.grads: dict[nn.Parameter, Tensor] = {}  # per-example, (size, *param.shape), unclipped
         self.private_backwards = 0
         self.released = False
+        self.verified = False
+
+
+_PUBLIC_READS_BATCH = (
+    "depends on the training batch, and a backward pass of it would train without clipping or noise. Only "
+    "the private loss may read the batch: pass it to self.manual_backward per example, with shape (batch "
+    "size,), each entry depending on its own example only (e.g. reduction='none'), and step a private "
+    "optimizer with it. A public loss (e.g. the generator's) must not use the batch's tensors, its labels, "
+    "or values derived from them: draw its fakes and labels independently of the batch."
+)
+
+
+class _BatchTaint(TorchFunctionMode):
+    """Follows which tensors ``training_step`` computes from the Poisson batch, and refuses a
+    backward pass of one outside the private path (before it writes any gradient).
+
+    A tensor is *tainted* when it is one of the batch's tensors, the output of an op with a
+    tainted input (``detach`` and ops under ``no_grad`` included), or a tensor written in
+    place from a tainted one. The DP release is the one declassification: it runs with the
+    tracking paused, so the private parameters it moves stay untainted.
+    """
+
+    _BACKWARDS = (Tensor.backward, torch.autograd.backward)
+
+    def __init__(self, batch: Any) -> None:
+        super().__init__()
+        self._tainted: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        for t in _tensors(batch):
+            self._tainted[t] = True
+        self.paused = False
+
+    def tainted(self, value: Any) -> bool:
+        return any(t in self._tainted for t in _tensors(value))
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
+        reads_batch = self.tainted((args, kwargs))
+        if reads_batch and func in self._BACKWARDS:
+            raise ValueError("A loss given to backward() in training_step " + _PUBLIC_READS_BATCH)
+        out = func(*args, **kwargs)
+        if reads_batch:
+            written = [out]
+            name = getattr(func, "__name__", "")
+            if args and (name.endswith("_") or name.startswith("__i") or name == "__setitem__"):
+                written.append(args[0])  # in place: the first argument now holds batch data
+            if "out" in kwargs:
+                written.append(kwargs["out"])
+            for t in _tensors(written):
+                self._tainted[t] = True
+        return out
 
 
 class _ManualPrivacy:
@@ -120,11 +182,15 @@ class _ManualPrivacy:
             raise RuntimeError("Manual optimization takes each Poisson draw as one batch; it came in chunks.")
         data = batch.chunks[0] if batch.chunks else self.empty_batch
         data, leaves = _as_graph_leaves(data)
-        draw = self._draw = _Draw(batch, leaves)
+        taint = _BatchTaint(data)
+        draw = self._draw = _Draw(batch, leaves, taint)
         try:
-            output = run(data)
+            with taint:
+                output = run(data)
         finally:
             self._draw = None
+        if draw.verified:
+            self._to_verify = False
         if draw.private_backwards and not draw.released:
             raise RuntimeError(
                 "A per-example loss was passed to manual_backward but no private optimizer stepped after it in "
@@ -151,14 +217,11 @@ class _ManualPrivacy:
                 "training_step, where the Poisson batch they use is known."
             )
         if loss.ndim == 0:
+            if draw.taint.tainted(loss):
+                raise ValueError("A scalar loss passed to manual_backward is public, but it " + _PUBLIC_READS_BATCH)
             plain_backward(loss)
-            if any(leaf.grad is not None for leaf in draw.leaves):
-                raise ValueError(
-                    "A scalar loss passed to manual_backward depends on the training batch. Scalar losses are "
-                    "public (e.g. the generator's): they train without clipping or noise. Pass a loss that reads "
-                    "the private batch per example, with shape (batch size,), each entry depending on its own "
-                    "example only (e.g. reduction='none'), and step a private optimizer with it."
-                )
+            if any(leaf.grad is not None for leaf in draw.leaves):  # a second line, should the tracking miss a path
+                raise ValueError("A scalar loss passed to manual_backward is public, but it " + _PUBLIC_READS_BATCH)
             return
         if loss.shape != (draw.size,):
             raise ValueError(
@@ -179,14 +242,31 @@ class _ManualPrivacy:
         loss = strategy.precision_plugin.pre_backward(loss, module)
         grads = _per_example_grads(loss, params) if draw.size else [None] * len(params)
         if self._to_verify and draw.size >= 2:
+            # Every private loss of the first draw of two or more examples is checked.
             worst = _verify(loss, params, grads, draw.leaves)
-            self._to_verify = False
-            inputs = "checked" if draw.leaves else "not checked (no floating-point tensor in the batch)"
-            rank_zero_info(
-                f"DPStrategy (manual optimization): per-example gradients of the private loss match one backward "
-                f"pass per example (largest relative error {worst:.1e}); cross-talk through the batch's inputs: "
-                f"{inputs}."
+            draw.verified = True
+            check = strategy.grad_check if isinstance(strategy.grad_check, dict) else {"engine": "manual"}
+            check.update(
+                verified=True,
+                examples=min(_CHECK_ROWS, draw.size),
+                worst_relative_error=max(worst, check.get("worst_relative_error") or 0.0),
+                cross_talk_checked=bool(draw.leaves),
             )
+            strategy.grad_check = check
+            if draw.leaves:
+                rank_zero_info(
+                    f"DPStrategy (manual optimization): per-example gradients of the private loss match one "
+                    f"backward pass per example (largest relative error {worst:.1e}); no entry depends on another "
+                    "example's floating-point inputs."
+                )
+            else:
+                rank_zero_warn(
+                    f"DPStrategy (manual optimization): per-example gradients of the private loss match one "
+                    f"backward pass per example (largest relative error {worst:.1e}), but the batch holds no "
+                    "floating-point tensor, so cross-talk between examples (an entry reading another example, "
+                    "e.g. through a batch statistic) could not be checked through gradients. Make sure entry i "
+                    "of the private loss reads only example i."
+                )
         for p, g in zip(params, grads):
             if g is not None:
                 draw.grads[p] = g if p not in draw.grads else draw.grads[p] + g
@@ -219,9 +299,14 @@ class _ManualPrivacy:
         assert sigma is not None
         params = [p for p in self.private_params if p.requires_grad or p in draw.grads]
         mechanism = GaussianMechanism(params, strategy.max_grad_norm, strategy.secure_mode)
-        if draw.size:
-            mechanism.add(Materialized([draw.grads.get(p) for p in params], draw.size))
-        mechanism.release(sigma, draw.expected_size)
+        # The release is DP: what it writes may be used by anything after it (the tracking pauses).
+        draw.taint.paused = True
+        try:
+            if draw.size:
+                mechanism.add(Materialized([draw.grads.get(p) for p in params], draw.size))
+            mechanism.release(sigma, draw.expected_size)
+        finally:
+            draw.taint.paused = False
         released = {id(p) for p in params}
         for p in self.private_params:
             if id(p) not in released:
@@ -354,6 +439,10 @@ def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_map_tensors(v, fn) for v in value)
     return value
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
 
 
 def _params(optimizers: Sequence[torch.optim.Optimizer]) -> list[nn.Parameter]:

@@ -50,13 +50,14 @@ def safety_checks(strategy: _PrivateTraining) -> dict[str, Any]:
     Poisson sampling of the training loader, secure mode, and the per-sample gradient check.
 
     ``passed`` is true only when the loader was Poisson-sampled and the per-sample gradients
-    were verified (a failed check stops ``fit``, so a verified check that let training run
-    passed). The manual-optimization path checks on its first draw of two or more examples.
+    were verified on at least one example (a failed check stops ``fit``, so a verified check
+    that let training run passed). The manual-optimization path checks on its first draw of
+    two or more examples: a run that never drew two is not verified.
     """
     loader = strategy.train_dataloader
     poisson = loader is not None and is_poisson_dataloader(loader)
     check = strategy.grad_check
-    verified = bool(check and check.get("verified") and (check.get("engine") == "manual" or check.get("examples")))
+    verified = bool(check and check.get("verified") and check.get("examples"))
     return {
         "poisson_sampling": poisson,
         "secure_mode": bool(strategy.secure_mode),

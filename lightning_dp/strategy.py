@@ -210,6 +210,14 @@ class _PrivateTraining:
                 f"{type(self).__name__} does not support manual optimization (automatic_optimization = False): "
                 "use DPStrategy on one device, or automatic optimization."
             )
+        ignored = [f"{name}={value!r}" for name, value, default in (
+            ("engine", self.engine_name, "auto"), ("loss_reduction", self.loss_reduction, "mean")) if value != default]
+        if ignored:
+            rank_zero_warn(
+                f"DPStrategy({', '.join(ignored)}) has no effect with manual optimization: the per-example "
+                "gradients come from the per-example loss given to manual_backward (shape (batch size,)), "
+                "differentiated exactly by autograd."
+            )
         if self.max_physical_batch_size is not None:
             raise ValueError(
                 f"DPStrategy(max_physical_batch_size={self.max_physical_batch_size}) is not supported with manual "
@@ -302,8 +310,9 @@ class _PrivateTraining:
                 "checked against one backward pass per example, nor for cross-talk between examples."
             )
         to_device = super().batch_to_device  # type: ignore[misc]
-        # The manual path checks on its first draw of two or more examples, raising on a mismatch.
-        self.grad_check = {"engine": "manual", "verified": self.check_per_sample_grads}
+        # The manual path checks on its first draw of two or more examples (raising on a mismatch)
+        # and records it here then: until that draw, nothing is verified.
+        self.grad_check = {"engine": "manual", "verified": False, "examples": 0}
         self._manual = _ManualPrivacy(
             self, trainer.optimizers, self.private_optimizers, _empty_batch_like(loader, to_device),
             self.check_per_sample_grads,
@@ -464,9 +473,17 @@ class _PrivateTraining:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._manual is not None and not self._manual.is_private(optimizer):
             return super().optimizer_step(optimizer, closure, model, **kwargs)  # public: no clipping, no noise
+        # The closure (training_step and backward under automatic optimization) and the DP release
+        # run here, before the optimizer is called: an optimizer that ignores its closure, or
+        # steps before evaluating it, then still only ever sees the released gradient.
+        result = closure()
+        if self._manual is not None:
+            self._manual.release(optimizer)
+        else:
+            self._release()
         calls = 0
 
-        def private_closure() -> Any:
+        def released_closure() -> Any:
             nonlocal calls
             calls += 1
             if calls > 1:
@@ -475,14 +492,9 @@ class _PrivateTraining:
                     "each evaluation would be a separate release of private data. Use a first-order "
                     "optimizer with DP training."
                 )
-            result = closure()
-            if self._manual is not None:
-                self._manual.release(optimizer)
-            else:
-                self._release()
             return result
 
-        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+        return super().optimizer_step(optimizer, released_closure, model, **kwargs)
 
     def _release(self) -> None:
         batch, mechanism = self._pending, self._mechanism

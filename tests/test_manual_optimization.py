@@ -85,7 +85,7 @@ class GAN(L.LightningModule):
 
 
 def fit(model: L.LightningModule, n: int = 64, batch_size: int = 8, callbacks: Any = (), **kw: Any) -> L.Trainer:
-    strategy_kw = {k: kw.pop(k) for k in list(kw) if k in ("noise_multiplier", "max_grad_norm", "private_optimizers",
+    strategy_kw = {k: kw.pop(k) for k in list(kw) if k in ("noise_multiplier", "max_grad_norm", "private_optimizers", "engine",
                                                             "max_physical_batch_size", "check_per_sample_grads")}
     strategy_kw.setdefault("noise_multiplier", 1.0)
     strategy_kw.setdefault("private_optimizers", [1])
@@ -286,6 +286,99 @@ def test_unsafe_manual_optimization_is_refused(model: GAN, kw: dict, error: type
     assert not model.records or "d1" not in model.records[-1]  # refused before any unclipped step
 
 
+class LeakyGenerator(GAN):
+    """The generator's public loss reads the batch through ``leak``; ``backward`` runs it."""
+
+    def __init__(self, leak: str, backward: str) -> None:
+        super().__init__()
+        self.leak, self.backward_kind = leak, backward
+        self.register_buffer("running", torch.zeros(Z))
+
+    def leaked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.leak == "labels":  # a conditional generator fed the batch's real (integer) labels
+            return nn.functional.one_hot(y, Z).float().mean(0)
+        if self.leak == "detached":
+            return x.detach()[:, :Z].mean(0)
+        if self.leak == "no_grad":
+            with torch.no_grad():
+                return x[:, :Z].mean(0)
+        if self.leak == "buffer":  # statistics of the batch kept in a buffer written in place
+            self.running.mul_(0.9).add_(0.1 * x[:, :Z].mean(0))
+            return self.running
+        raise AssertionError(self.leak)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        rec: dict[str, Any] = {}
+        self.discriminator_step(x, rec)
+        self.records.append(rec)
+        z = torch.randn(8, Z) + self.leaked(x, y)
+        loss = self.g_loss(z)
+        if self.backward_kind == "manual_backward":
+            self.manual_backward(loss)
+        elif self.backward_kind == "inputs":  # keeps the gradient away from the batch's leaves
+            self.manual_backward(loss, inputs=list(self.G.parameters()))
+        else:
+            loss.backward()
+        self.optimizers()[0].step()
+        rec["g1"] = snap(self.G)
+
+
+@pytest.mark.parametrize("backward", ["manual_backward", "inputs", "loss.backward"])
+@pytest.mark.parametrize("leak", ["labels", "detached", "no_grad", "buffer"])
+def test_a_public_loss_that_reads_the_batch_is_refused_before_it_writes_a_gradient(leak: str, backward: str) -> None:
+    model = LeakyGenerator(leak, backward)
+    g0 = snap(model.G)
+    with pytest.raises(ValueError, match="depends on the training batch"):
+        fit(model)
+    assert all(p.grad is None for p in model.G.parameters())  # refused before the backward ran
+    assert all(torch.equal(a, b) for a, b in zip(g0, snap(model.G)))
+    assert "g1" not in model.records[-1]
+
+
+class StepsBeforeItsClosure(torch.optim.SGD):
+    """An optimizer that updates with whatever .grad holds, then evaluates the closure."""
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        out = super().step()
+        if closure is not None:
+            closure()
+        return out
+
+
+class StepFirstGAN(GAN):
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.G.parameters(), lr=self.lr), StepsBeforeItsClosure(self.D.parameters(), lr=self.lr)]
+
+
+def test_an_optimizer_that_steps_before_its_closure_still_takes_only_the_dp_update() -> None:
+    c = 0.3
+    model = StepFirstGAN()
+    fit(model, noise_multiplier=0.0, max_grad_norm=c, max_steps=6)  # the generator leaves D grads behind
+    for rec in model.records:
+        d = at(model.D, rec["d0"])
+        grads = [
+            [g.detach() for g in torch.autograd.grad(d_loss(d, rec["x"][i : i + 1], rec["fake"][i : i + 1]).sum(),
+                                                     list(d.parameters()))]
+            for i in range(len(rec["x"]))
+        ]
+        expected = [p0 - s / 8 for p0, s in zip(rec["d0"], clipped_sum(grads, c, rec["d0"]))]
+        for got, want in zip(rec["d1"], expected):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_the_report_records_the_manual_check_only_once_it_ran() -> None:
+    model = GAN()
+    t = fit(model, n=64, batch_size=8)
+    check = t.strategy.grad_check
+    assert check["verified"] and check["examples"] == 4 and check["cross_talk_checked"]
+    assert check["worst_relative_error"] < 1e-5
+    # One example, q = 1: every draw holds exactly that example, never two, so the check never ran.
+    tiny = fit(GAN(), n=1, batch_size=1, max_steps=4, noise_multiplier=1.0)
+    assert [len(r["x"]) for r in tiny.lightning_module.records] == [1, 1]
+    assert not tiny.strategy.grad_check["verified"] and tiny.strategy.grad_check["examples"] == 0
+
+
 @pytest.mark.parametrize("value", [[], [-1], [0, 0], "0", [True], [0.5]])
 def test_private_optimizers_argument_is_validated(value: Any) -> None:
     with pytest.raises(ValueError, match="private_optimizers"):
@@ -323,3 +416,8 @@ def test_batch_without_an_empty_form_is_refused() -> None:
     t = trainer(max_steps=2, strategy=DPStrategy(noise_multiplier=1.0, private_optimizers=[1]))
     with pytest.raises(TypeError, match="cannot build from it the empty batch"):
         t.fit(GAN(), DataLoader(Records(), batch_size=4, collate_fn=lambda items: items[0]))
+
+
+def test_per_sample_gradient_options_of_automatic_optimization_warn_that_they_do_nothing() -> None:
+    with pytest.warns(UserWarning, match=r"engine='hooks'.*no effect with manual optimization"):
+        fit(GAN(), engine="hooks", max_steps=2)
