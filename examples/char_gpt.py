@@ -17,9 +17,9 @@ measures at the end how far the model ranks each above random numbers of the sam
 (its *exposure*, in bits; about 1.4 for a secret the model never saw). Compare with
 ``--no-dp`` (the same run without DP): the repeated secrets are then memorised.
 
-    python examples/char_gpt.py                    # about a minute on 2 CPU cores
+    python examples/char_gpt.py                    # about 50 s on 2 CPU cores
     python examples/char_gpt.py --canaries 2       # also measure canary exposure
-    python examples/char_gpt.py --canaries 2 --no-dp --epochs 20  # the non-private baseline
+    python examples/char_gpt.py --canaries 2 --no-dp  # the non-private baseline
     python examples/char_gpt.py --fast             # a few seconds, for smoke tests
     tensorboard --logdir runs                      # dp/epsilon, train_loss, val_loss
 
