@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -151,3 +153,24 @@ def snapshot(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: on a 2-core machine shared with other jobs, two threads make each
+    tiny step of a small model hundreds of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event file under ``logdir``: ``{tag: [(step, value)]}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(logdir.rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {logdir}"
+    acc = EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -63,13 +63,7 @@ from lightning_dp.accounting import compute_epsilon  # noqa: E402
 D, K, N, M, GUESSES, DELTA, EPOCHS, BATCH = 500, 10, 100, 400, 100, 1e-5, 40, 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Two threads on a 2-core machine shared with other jobs make each tiny step ~500x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(m: int = M) -> tuple[TensorDataset, TensorDataset]:

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from conftest import Classifier, loader, make_dataset, pld_epsilon, trainer
+from conftest import Classifier, loader, make_dataset, pld_epsilon, tensorboard_scalars, trainer
 from lightning_dp import DPStrategy, PrivacyBudget
 from lightning_dp.accounting import compute_epsilon
 
@@ -85,14 +85,6 @@ def test_budget_too_small_for_one_step_trains_nothing() -> None:
     assert budget.epsilon_spent == 0
 
 
-def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = list(logdir.rglob("events.out.tfevents.*"))
-    assert files, f"no event file under {logdir}"
-    acc = EventAccumulator(str(files[0].parent))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_epsilon_and_friends_in_tensorboard_event_files(tmp_path: Path) -> None:
@@ -102,7 +94,7 @@ def test_epsilon_and_friends_in_tensorboard_event_files(tmp_path: Path) -> None:
     t = trainer(max_epochs=3, logger=logger, log_every_n_steps=4,
                 strategy=DPStrategy(noise_multiplier=sigma), callbacks=[budget])
     t.fit(Classifier(), loader(make_dataset(n=64), batch_size=8))
-    scalars = _scalars(tmp_path)
+    scalars = tensorboard_scalars(tmp_path)
     for tag in ("dp/epsilon", "dp/noise_multiplier", "dp/sample_rate", "dp/steps", "dp/delta"):
         assert tag in scalars, tag
     eps, steps = scalars["dp/epsilon"], dict(scalars["dp/steps"])

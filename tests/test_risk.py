@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from conftest import Classifier, loader, make_dataset, pld_epsilon, trainer
+from conftest import Classifier, loader, make_dataset, pld_epsilon, tensorboard_scalars, trainer
 from lightning_dp import DPStrategy, PrivacyBudget
 from lightning_dp.accounting import PrivacyHistory, calibrate_noise, compute_epsilon, max_steps
 from lightning_dp.risk import (
@@ -272,14 +272,6 @@ def test_calibrate_noise_to_an_advantage_target_meets_it_within_tolerance() -> N
 # ---------------------------------------------------------------------- PrivacyBudget end to end
 
 
-def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = list(logdir.rglob("events.out.tfevents.*"))
-    assert files, f"no event file under {logdir}"
-    acc = EventAccumulator(str(files[0].parent))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.mark.slow
@@ -298,7 +290,7 @@ def test_advantage_target_stops_before_it_would_be_exceeded_and_logs_risk(tmp_pa
     assert "advantage=" in budget.stopped_reason
     risk = budget.risk
     assert risk.advantage <= target and risk.kappa == 0.01
-    scalars = _scalars(tmp_path)
+    scalars = tensorboard_scalars(tmp_path)
     for tag in ("dp/epsilon", "dp/risk/advantage", "dp/risk/tpr_at_fpr_0.001", "dp/risk/tpr_at_fpr_0.01",
                 "dp/risk/reconstruction"):
         assert tag in scalars, tag
