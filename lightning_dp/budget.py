@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from pathlib import Path
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -20,6 +22,7 @@ from lightning_dp.accounting import (
     max_steps,
 )
 from lightning_dp.audit import PrivacyAudit
+from lightning_dp.integrity import KEY_VARIABLE, seal, unverified_fields
 from lightning_dp.risk import AdvantageTarget, PrivacyRisk, TprTarget, privacy_profile, risk_targets
 from lightning_dp.strategy import DPStrategy, _PrivateTraining
 
@@ -27,6 +30,11 @@ if TYPE_CHECKING:
     from lightning_dp.ddp import DPDDPStrategy
 
 __all__ = ["PrivacyBudget", "PrivacyBudgetExhausted"]
+
+#: Version 2 added the run's identity and the per-field digests.
+_STATE_VERSION = 2
+_SEALED_FIELDS = ("history", "epsilon", "delta", "accountant", "max_advantage", "max_tpr_at_fpr", "kappa",
+                  "noise_multiplier", "safety_checks")
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -133,8 +141,10 @@ class PrivacyBudget(Callback):
         self._strategy: Optional[DPStrategy | DPDDPStrategy] = None
         self._allowed_steps: Optional[int] = None
         self._planned_for: Optional[tuple[float, float]] = None  # (noise_multiplier, sample_rate)
-        self._planned_end: float = math.inf  # the Trainer's last step
+        self._planned_end: float = math.inf  # the ledger's step count when the planned run ends
         self.stopped_reason: Optional[str] = None
+        #: This run's identity, kept across resumes (part of every digest of its saved ledger).
+        self.run_id = uuid.uuid4().hex
 
     # ------------------------------------------------------------------ what was spent
     @property
@@ -201,6 +211,9 @@ class PrivacyBudget(Callback):
         strategy.budget = self
         self._strategy = strategy
         self._allowed_steps = None
+        # The run as the user configured it: tuners shorten max_steps for their trial loops,
+        # and the noise they train with is calibrated for this run, not for their trials.
+        self._configured_max_steps = trainer.max_steps
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._strategy is not None:
@@ -208,24 +221,32 @@ class PrivacyBudget(Callback):
 
     # ------------------------------------------------------------------ planning
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._plan(trainer)
+        self.plan(trainer)
 
-    def _plan(self, trainer: pl.Trainer) -> None:
-        """Calibrate the noise if asked, and work out how many steps the budget allows."""
+    def ensure_planned(self, trainer: pl.Trainer) -> None:
+        """Plan unless this fit already did. Called by the strategy when training starts, so
+        that loops run without this callback's hooks (the tuners swap the Trainer's callbacks
+        out) are planned too."""
+        if self._allowed_steps is None:
+            self.plan(trainer)
+
+    def plan(self, trainer: pl.Trainer, sample_rate: Optional[float] = None) -> None:
+        """Calibrate the noise if asked, and work out how many steps the budget allows at the
+        noise in force and ``sample_rate`` (default: the training loader's)."""
         strategy = self._strategy
         assert strategy is not None
         self.stopped_reason = None
         loader = strategy.train_dataloader
         if loader is None:
             return
-        q = strategy.sample_rate
+        q = strategy.sample_rate if sample_rate is None else float(sample_rate)
         n = len(loader.dataset)  # type: ignore[arg-type]
         if self.delta >= 1 / n:
             rank_zero_warn(
                 f"PrivacyBudget(delta={self.delta:g}) is not below 1/N = {1 / n:.3g} for N={n} training examples: "
                 "a mechanism that publishes one whole example would meet it. Use delta << 1/N."
             )
-        done, remaining = _private_steps_progress(trainer)
+        _, remaining = _private_steps_progress(trainer, self._tuner_max_steps(trainer))
         if strategy.requested_noise_multiplier is None:
             if not math.isfinite(remaining):
                 raise ValueError(
@@ -250,7 +271,7 @@ class PrivacyBudget(Callback):
         extra = trainer.strategy.broadcast(extra)
         self._allowed_steps = self._ledger.steps + extra
         self._planned_for = (sigma, q)
-        self._planned_end = done + remaining
+        self._planned_end = self._ledger.steps + remaining
         rank_zero_info(
             f"PrivacyBudget: {self._budget_text()}, delta={self.delta:g} ({self.accountant}); noise multiplier "
             f"{sigma:.4g}, sample rate {q:.4g}; {self._ledger.steps} steps spent, the budget allows "
@@ -260,33 +281,58 @@ class PrivacyBudget(Callback):
             self._stop(trainer)
 
     # ------------------------------------------------------------------ enforcing
-    def ensure_step_allowed(self, trainer: pl.Trainer) -> None:
-        """Raise unless one more private step fits the budget. Called by the strategy before
-        it touches a batch: a last line of defence behind the clean stop."""
+    def _tuner_max_steps(self, trainer: pl.Trainer) -> Optional[int]:
+        """The configured max_steps when a tuner runs its trial loops (this callback is then not
+        among the Trainer's callbacks and max_steps is the tuner's), else ``None``."""
+        if any(c is self for c in trainer.callbacks):  # type: ignore[attr-defined]
+            return None
+        return getattr(self, "_configured_max_steps", None)
+
+    def ensure_step_allowed(self, trainer: pl.Trainer, sample_rate: Optional[float] = None) -> None:
+        """Raise unless one more private step at ``sample_rate`` (the rate the batch about to
+        train was drawn with; default the training loader's) fits the budget. Called by the
+        strategy before it touches a batch: a last line of defence behind the clean stop."""
         strategy = self._strategy
         assert strategy is not None
-        if self._allowed_steps is None or self._planned_for != (strategy.noise_multiplier, strategy.sample_rate):
-            # Loops that run without this callback's hooks (the learning-rate finder swaps the
-            # callbacks out) still take private steps, and a noise changed mid-run changes what
-            # the budget allows: plan again.
-            self._plan(trainer)
+        q = strategy.sample_rate if sample_rate is None else float(sample_rate)
+        if self._allowed_steps is None or self._planned_for != (strategy.noise_multiplier, q):
+            # Loops that run without this callback's hooks (the tuners swap the callbacks out)
+            # still take private steps; a noise changed mid-run, or a batch drawn at another rate
+            # than the plan's (a reloaded loader), changes what the budget allows: plan again, at
+            # the rate that actually trains.
+            self.plan(trainer, q)
             assert self._allowed_steps is not None
         if self._ledger.steps >= self._allowed_steps:
+            if self._tuner_max_steps(trainer) is not None:
+                raise PrivacyBudgetExhausted(
+                    f"The privacy budget ({self._budget_text()}, delta={self.delta:g}) allows {self._allowed_steps} "
+                    f"steps at noise multiplier {strategy.noise_multiplier:g} and sample rate {q:g}, all taken, and a "
+                    "tuner (lr_find or scale_batch_size) asked for another: its trial steps are private steps on the "
+                    "ledger. Give the tuner fewer steps (num_training, steps_per_trial, max_trials), or the run a "
+                    "larger budget or more noise."
+                )
             raise PrivacyBudgetExhausted(
                 f"The privacy budget ({self._budget_text()}, delta={self.delta:g}) allows {self._allowed_steps} "
                 f"steps at noise multiplier {strategy.noise_multiplier:g}, all taken, yet the Trainer asked for "
                 "another: something undid PrivacyBudget's stop or lowered the noise after it planned."
             )
 
+    def after_step(self, trainer: pl.Trainer) -> None:
+        """Stop the Trainer once the budget allows no further step. Called by the strategy right
+        after it records a private step (so loops without this callback's hooks, the tuners',
+        stop too), and again at the end of each batch (after other callbacks ran)."""
+        strategy = self._strategy
+        if self._allowed_steps is None or strategy is None or self._planned_for is None:
+            return
+        if self._planned_for[0] != strategy.noise_multiplier:
+            self.plan(trainer, self._planned_for[1])  # the noise changed: what the budget allows changed with it
+        if self._ledger.steps >= self._allowed_steps and not trainer.should_stop:
+            self._stop(trainer)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        strategy = self._strategy
-        assert self._allowed_steps is not None and strategy is not None
-        if self._planned_for != (strategy.noise_multiplier, strategy.sample_rate):
-            self._plan(trainer)  # the noise changed: what the budget allows changed with it
-        if self._ledger.steps >= self._allowed_steps and not trainer.should_stop:
-            self._stop(trainer)
+        self.after_step(trainer)
         if trainer._logger_connector.should_update_logs:
             self._log(pl_module)
 
@@ -321,7 +367,7 @@ class PrivacyBudget(Callback):
             after = f"one more step would spend {nxt:.4g}"
         else:
             after = "no noise level allows another step"
-        what = "the planned run ends" if _private_steps_progress(trainer)[0] >= self._planned_end else "stopping"
+        what = "the planned run ends" if self._ledger.steps >= self._planned_end else "stopping"
         if self.epsilon is not None:
             budget = f"epsilon={spent:.4g} of {self.epsilon:g} (delta={self.delta:g}, {self.accountant})"
         else:
@@ -332,7 +378,13 @@ class PrivacyBudget(Callback):
             f"PrivacyBudget: {what} after {self._ledger.steps} private steps, the most the budget allows: "
             f"{budget}; {after}."
         )
-        rank_zero_info(self.stopped_reason)
+        if self._tuner_max_steps(trainer) is not None:
+            rank_zero_warn(
+                self.stopped_reason + " This happened in a tuner's trial run (lr_find or scale_batch_size): its trial "
+                "steps are private steps on the ledger, and its result rests on the steps it could take."
+            )
+        else:
+            rank_zero_info(self.stopped_reason)
         trainer.should_stop = True
         fit_loop = trainer.fit_loop
         if fit_loop.min_epochs or fit_loop.epoch_loop.min_steps:
@@ -386,7 +438,7 @@ class PrivacyBudget(Callback):
     def state_dict(self) -> dict[str, Any]:
         from lightning_dp.report import safety_checks
 
-        return {
+        fields = {
             "history": self._ledger.state_dict(),
             "epsilon": self.epsilon,
             "delta": self.delta,
@@ -398,10 +450,29 @@ class PrivacyBudget(Callback):
             # For `python -m lightning_dp report CHECKPOINT`: the facts behind the guarantee.
             "safety_checks": safety_checks(self._strategy) if self._strategy is not None else None,
         }
+        # Each field with a digest of its value and the run's identity: an edited ledger is
+        # refused on resume (lightning_dp.integrity).
+        return {"version": _STATE_VERSION, **fields, **seal(fields, self.run_id)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "history" not in state_dict:
             raise ValueError("This PrivacyBudget state has no 'history': it was not written by PrivacyBudget.")
+        if "digests" not in state_dict and "version" not in state_dict and not os.environ.get(KEY_VARIABLE):
+            rank_zero_warn(
+                "PrivacyBudget: this checkpoint's ledger was written before ledgers carried digests (lightning-dp "
+                "0.1), so its integrity cannot be verified; it is resumed as it is. Set "
+                f"{KEY_VARIABLE} to refuse unsigned ledgers."
+            )
+        else:
+            bad = unverified_fields(state_dict, required=_SEALED_FIELDS)
+            if bad:
+                raise ValueError(
+                    f"The checkpoint's PrivacyBudget ledger does not verify: field(s) {', '.join(map(repr, bad))} "
+                    "do not match the digest written with them (edited after the run saved them, copied from "
+                    f"another run, or signed with another {KEY_VARIABLE}). Resuming would report a spend that is "
+                    "not the one the run made, so it is refused. Resume from an unmodified checkpoint."
+                )
+            self.run_id = str(state_dict["run_id"])
         loaded = PrivacyHistory()
         loaded.load_state_dict(state_dict["history"])
         self._absorb(loaded, source="the checkpoint")
@@ -488,7 +559,7 @@ def _audit_of(trainer: pl.Trainer) -> Optional[PrivacyAudit]:
     return audits[0] if audits else None
 
 
-def _private_steps_progress(trainer: pl.Trainer) -> tuple[float, float]:
+def _private_steps_progress(trainer: pl.Trainer, max_steps: Optional[int] = None) -> tuple[float, float]:
     """(steps taken, steps still planned) in units of private steps.
 
     With automatic optimization these are optimizer steps. With manual optimization
@@ -496,13 +567,20 @@ def _private_steps_progress(trainer: pl.Trainer) -> tuple[float, float]:
     takes one private step per batch, so they are batches: the planned epochs' batches, capped
     by ``max_steps`` (each batch takes at least its private step, so at most that many remain).
     """
+    if max_steps is None:
+        max_steps = trainer.max_steps
     if trainer.lightning_module.automatic_optimization:
-        return trainer.global_step, trainer.estimated_stepping_batches - trainer.global_step
+        planned: float = trainer.estimated_stepping_batches
+        if max_steps != trainer.max_steps:
+            per_epoch = math.ceil(trainer.num_training_batches)
+            planned = math.inf if trainer.max_epochs in (None, -1) else per_epoch * max(trainer.max_epochs, 1)
+            planned = min(planned, max_steps) if max_steps != -1 else planned
+        return trainer.global_step, planned - trainer.global_step
     batches = trainer.fit_loop.epoch_loop.batch_progress
     per_epoch = trainer.num_training_batches
     left = math.inf
     if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(per_epoch):
         left = (max(trainer.max_epochs, 1) - trainer.current_epoch) * per_epoch - batches.current.processed
-    if trainer.max_steps != -1:
-        left = min(left, trainer.max_steps - trainer.global_step)
+    if max_steps != -1:
+        left = min(left, max_steps - trainer.global_step)
     return batches.total.processed, max(left, 0)

@@ -36,7 +36,7 @@ class DPDDPStrategy(_PrivateTraining, DDPStrategy):
 
     Takes the arguments of :class:`~lightning_dp.DPStrategy` (``max_grad_norm``,
     ``noise_multiplier``, ``max_physical_batch_size``, ``secure_mode``, ``loss_reduction``,
-    ``engine``, ``check_per_sample_grads``, ``replace_batch_norm``) and passes any other
+    ``engine``, ``check_per_sample_grads``, ``replace_batch_norm``, ``seed``) and passes any other
     keyword argument to Lightning's :class:`~lightning.pytorch.strategies.DDPStrategy`
     (``process_group_backend``, ``timeout``, ``start_method``, ...). The DataLoader's
     ``batch_size`` is per process: the expected global batch is ``batch_size * world_size``.
@@ -65,12 +65,13 @@ class DPDDPStrategy(_PrivateTraining, DDPStrategy):
         engine: Literal["auto", "ghost", "hooks", "functorch", "loop"] = "auto",
         check_per_sample_grads: bool = True,
         replace_batch_norm: bool = False,
+        seed: Optional[int] = None,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(**ddp_kwargs)
         self._init_private(
             max_grad_norm, noise_multiplier, max_physical_batch_size, secure_mode, loss_reduction, engine,
-            check_per_sample_grads, replace_batch_norm,
+            check_per_sample_grads, replace_batch_norm, seed=seed,
         )
 
     def _shard(self) -> tuple[int, int]:

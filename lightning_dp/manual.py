@@ -35,6 +35,7 @@ optimizer's step the DP-SGD release and nothing else:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -47,7 +48,6 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from lightning_dp.grads.check import RTOL, PerSampleGradientMismatch
 from lightning_dp.grads.engine import Materialized
-from lightning_dp.mechanism import GaussianMechanism
 from lightning_dp.sampling import PoissonBatch, collate_examples
 
 if TYPE_CHECKING:
@@ -298,7 +298,7 @@ class _ManualPrivacy:
         sigma = strategy.noise_multiplier
         assert sigma is not None
         params = [p for p in self.private_params if p.requires_grad or p in draw.grads]
-        mechanism = GaussianMechanism(params, strategy.max_grad_norm, strategy.secure_mode)
+        mechanism = strategy._new_mechanism(params)
         # The release is DP: what it writes may be used by anything after it (the tracking pauses).
         draw.taint.paused = True
         try:
@@ -311,7 +311,7 @@ class _ManualPrivacy:
         for p in self.private_params:
             if id(p) not in released:
                 p.grad = None  # only the release may move a private parameter
-        strategy.history.record(sigma, draw.sample_rate)
+        strategy._recorded(mechanism, sigma, draw.sample_rate)
         draw.grads.clear()
         draw.released = True
 
@@ -358,8 +358,15 @@ def _verify(
             diff += float((got.double() - want.double()).square().sum())
             sq += float(want.double().square().sum())
         err = (diff ** 0.5) / max(sq ** 0.5, 1e-12)
+        if not math.isfinite(err) or not math.isfinite(sq):
+            raise PerSampleGradientMismatch(
+                f"Entry {i} of the private loss passed to manual_backward has a non-finite gradient on its own "
+                "(a backward pass of that entry alone gives NaN or inf) while the batch's was computed: the loss "
+                "reads statistics of the batch, or the data holds NaN. Each entry must depend on its own example "
+                "only and be finite."
+            )
         worst = max(worst, err)
-        if err > RTOL and diff ** 0.5 > 1e-9:
+        if not (err <= RTOL or diff ** 0.5 <= 1e-9):
             raise PerSampleGradientMismatch(
                 f"The batched per-example gradient of entry {i} of the private loss differs from its own backward "
                 f"pass (relative error {err:.2e}). Report this with your model; meanwhile avoid in-place or "

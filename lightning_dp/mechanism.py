@@ -8,6 +8,7 @@ user's optimizer as ``param.grad``.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 from typing import Callable, Optional
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dp.grads.engine import Materialized, PerExampleGrads
+from lightning_dp.streams import RandomStreams
 
 
 class GaussianMechanism:
@@ -27,34 +29,67 @@ class GaussianMechanism:
         secure_mode: draw noise from a generator freshly seeded with OS entropy at each step,
             summing ``2n = 4`` Gaussians (Holohan et al. 2021, as Opacus does) to blunt
             floating-point attacks on the noise's low bits.
+        streams: the fit's random streams; the noise comes from ``streams.noise(device)``.
+            ``None``: a fresh stream seeded from OS entropy. Never torch's global generator,
+            which ``seed_everything`` would replay (see :mod:`lightning_dp.streams`).
+
+    **Every example's influence is bounded, whatever its values.** Norms are computed in
+    float32 and, where that overflows (a finite but huge feature), again in float64; an
+    example whose gradient is still not finite (a NaN or inf in its data) contributes exactly
+    zero, a rule that depends on that example alone. :attr:`dropped` counts them.
 
     Example:
         >>> w = nn.Parameter(torch.zeros(2))
         >>> mech = GaussianMechanism([w], max_grad_norm=1.0)
-        >>> mech.add([torch.tensor([[3.0, 4.0], [0.3, 0.4]])])  # per-example norms, before clipping
-        tensor([5.0000, 0.5000])
+        >>> mech.add([torch.tensor([[3.0, 4.0], [0.3, 0.4], [float("nan"), 1.0]])])  # norms, before clipping
+        tensor([5.0000, 0.5000,    nan])
+        >>> mech.dropped  # the NaN example contributes nothing
+        1
         >>> mech.release(noise_multiplier=0.0, expected_batch_size=2.0)
         >>> w.grad
         tensor([0.4500, 0.6000])
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], max_grad_norm: float, secure_mode: bool = False) -> None:
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        max_grad_norm: float,
+        secure_mode: bool = False,
+        streams: Optional[RandomStreams] = None,
+    ) -> None:
         self.params = list(params)
         self.max_grad_norm = float(max_grad_norm)
         self.secure_mode = secure_mode
+        self.streams = streams if streams is not None else RandomStreams(seed=None, rank=0, start_step=0, fit_index=0)
         self._sums: list[Optional[Tensor]] = [None] * len(self.params)
         self.examples_seen = 0
+        #: Examples whose gradient was not finite, dropped (contributing zero), over this object's life.
+        self.dropped = 0
 
     def add(self, grads: PerExampleGrads | Sequence[Optional[Tensor]]) -> Tensor:
         """Clip each example's gradient (aligned with ``params``) to norm ``C`` and add it to
-        the running sum. Returns the unclipped per-example norms."""
+        the running sum. Returns the unclipped per-example norms (NaN for dropped examples)."""
         if not isinstance(grads, PerExampleGrads):
             present = [g for g in grads if g is not None]
             grads = Materialized(list(grads), present[0].shape[0] if present else 0)
         if grads.batch_size == 0:
             return torch.zeros(0)
-        norms = grads.sq_norms().sqrt()
+        sq = grads.sq_norms()
+        bad: Optional[Tensor] = None
+        if not bool(torch.isfinite(sq).all()):
+            sq = grads.sq_norms(torch.float64)  # float32 overflowed on a huge but finite gradient?
+            bad = ~torch.isfinite(sq)
+            if bool(bad.any()):
+                grads.drop(bad)
+                self.dropped += int(bad.sum())
+                sq = torch.where(bad, torch.zeros((), dtype=sq.dtype, device=sq.device), sq)
+            else:
+                bad = None
+        norms = sq.sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        if bad is not None:
+            factor = torch.where(bad, torch.zeros((), dtype=factor.dtype, device=factor.device), factor)
+            norms = torch.where(bad, torch.full((), math.nan, dtype=norms.dtype, device=norms.device), norms)
         for i, clipped in enumerate(grads.weighted_sum(factor)):
             if clipped is not None:
                 self._sums[i] = clipped if self._sums[i] is None else self._sums[i] + clipped
@@ -75,15 +110,11 @@ class GaussianMechanism:
         With several processes, each passes ``all_reduce`` (an in-place sum over processes)
         and exactly one passes ``add_noise=True``: the noise enters the global sum once."""
         std = noise_multiplier * self.max_grad_norm
-        generator = None
-        if self.secure_mode and add_noise:
-            device = self.params[0].device if self.params else torch.device("cpu")
-            generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         totals = []
         for i, p in enumerate(self.params):
             total = self._sums[i] if self._sums[i] is not None else torch.zeros_like(p)
             if add_noise and std > 0:
-                total = total + _gaussian(std, p, generator, self.secure_mode)
+                total = total + self._noise(std, p)
             totals.append(total)
         if all_reduce is not None:
             all_reduce(totals)
@@ -91,17 +122,21 @@ class GaussianMechanism:
             p.grad = (total / expected_batch_size).to(p.dtype)
         self.reset()
 
+    def _noise(self, std: float, like: Tensor) -> Tensor:
+        if not self.secure_mode:
+            generator = self.streams.noise(like.device)
+            return torch.normal(0.0, std, size=like.shape, device=like.device, dtype=like.dtype, generator=generator)
+        # A generator freshly seeded with OS entropy for every tensor; and a sum of 4 draws at
+        # std, halved: the same N(0, std^2) with the low bits of any single draw hidden
+        # (Holohan et al. 2021, Section 5.1).
+        generator = torch.Generator(device=like.device).manual_seed(secrets.randbits(63))
+        total = torch.zeros_like(like)
+        for _ in range(4):
+            total += torch.normal(0.0, std, size=like.shape, device=like.device, dtype=like.dtype, generator=generator)
+        return total / 2
+
     def reset(self) -> None:
         self._sums = [None] * len(self.params)
         self.examples_seen = 0
 
 
-def _gaussian(std: float, like: Tensor, generator: Optional[torch.Generator], secure: bool) -> Tensor:
-    if not secure:
-        return torch.normal(0.0, std, size=like.shape, device=like.device, dtype=like.dtype, generator=generator)
-    # Sum of 4 draws at std, halved: the same N(0, std^2) with the low bits of any single
-    # draw hidden (Holohan et al. 2021, Section 5.1).
-    total = torch.zeros_like(like)
-    for _ in range(4):
-        total += torch.normal(0.0, std, size=like.shape, device=like.device, dtype=like.dtype, generator=generator)
-    return total / 2

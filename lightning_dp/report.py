@@ -62,6 +62,9 @@ def safety_checks(strategy: _PrivateTraining) -> dict[str, Any]:
         "poisson_sampling": poisson,
         "secure_mode": bool(strategy.secure_mode),
         "per_sample_gradient_check": None if check is None else dict(check),
+        # Examples whose gradient was not finite (NaN or inf in their data or loss) and that
+        # contributed nothing; the count is not privatised: it is for the data's owner.
+        "non_finite_examples_dropped": int(getattr(strategy, "non_finite_examples_total", 0)),
         "passed": bool(poisson and verified),
     }
 
@@ -186,6 +189,9 @@ def print_report(report: dict[str, Any], console: Optional[Any] = None) -> None:
         verdict = "passed" if checks["passed"] else "NOT passed"
         status = f"{verdict} (Poisson sampling: {checks['poisson_sampling']}; {detail})"
     table.add_row("safety checks", status)
+    dropped = (checks or {}).get("non_finite_examples_dropped")
+    if dropped:
+        table.add_row("examples dropped", f"{dropped} with a non-finite gradient (contributed nothing)")
     (console or Console()).print(table)
 
 

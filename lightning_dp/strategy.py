@@ -15,12 +15,13 @@ Where each part of a step happens:
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, NamedTuple, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -31,13 +32,16 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torch.utils._pytree import tree_flatten
 
 from lightning_dp.accounting import PrivacyHistory
 from lightning_dp.grads import PerSampleGradientMismatch, check_per_sample_grads, make_engine
-from lightning_dp.grads.engine import ENGINES, LossReduction, PerSampleGradEngine, silenced_logging
+from lightning_dp.grads.check import no_dropout, reference_grads
+from lightning_dp.grads.engine import ENGINES, LossReduction, PerSampleGradEngine, param_names, silenced_logging
 from lightning_dp.manual import _ManualPrivacy, _empty_batch_like
 from lightning_dp.mechanism import GaussianMechanism
 from lightning_dp.modules import UnsupportedModuleError, replace_batch_norm, unsupported_layers
+from lightning_dp.streams import RandomStreams
 from lightning_dp.sampling import (
     PoissonBatch,
     collate_examples,
@@ -55,7 +59,24 @@ __all__ = ["DPStrategy"]
 # Poisson draw (a user's None on a non-empty batch is an error), which is expected.
 _EMPTY_STEP_WARNING = re.escape("`training_step` returned `None`")
 
-_CHECK_EXAMPLES = 4
+#: Examples the start-of-fit check draws (one per slice of the training set), and draws tried
+#: per slice to find one whose data is finite.
+_CHECK_EXAMPLES = 8
+_CHECK_TRIES = 8
+#: Engines ``"auto"`` falls back to only when the fast ones fail, with a warning that says why.
+_SLOW_ENGINES = ("functorch", "loop")
+
+
+class _CheckExamples(NamedTuple):
+    n: int
+    batch_of: Callable[[Any], Any]
+    step: Callable[[Any], tuple[Any, Tensor]]
+
+
+def _all_finite(example: Any) -> bool:
+    return all(
+        bool(torch.isfinite(t).all()) for t in tree_flatten(example)[0] if isinstance(t, Tensor) and t.is_floating_point()
+    )
 
 
 class _PrivateTraining:
@@ -76,9 +97,12 @@ class _PrivateTraining:
         check_per_sample_grads: bool,
         replace_batch_norm: bool,
         private_optimizers: Optional[Sequence[int]] = None,
+        seed: Optional[int] = None,
     ) -> None:
-        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a number > 0, got {max_grad_norm!r}")
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
+            raise ValueError(f"seed must be None (OS entropy, the safe default) or an int, got {seed!r}")
         if noise_multiplier is not None and not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier must be a number >= 0 or None, got {noise_multiplier!r}")
         if max_physical_batch_size is not None and not (
@@ -109,6 +133,7 @@ class _PrivateTraining:
         self.check_per_sample_grads = check_per_sample_grads
         self.replace_batch_norm = replace_batch_norm
         self.private_optimizers = None if private_optimizers is None else list(private_optimizers)
+        self.seed = seed
         self.engine_name = engine
         #: The engine computing per-sample gradients, chosen at fit start.
         self.engine: Optional[PerSampleGradEngine] = None
@@ -119,7 +144,15 @@ class _PrivateTraining:
         self._mechanism: Optional[GaussianMechanism] = None
         self._pending: Optional[PoissonBatch] = None
         self._dp_fitting = False
-        self._sampling_generator: Optional[torch.Generator] = None
+        #: The random streams (sampling, noise, the check's examples) of the current fit.
+        self._streams: Optional[RandomStreams] = None
+        self._fits = 0  # fits started, tuner trials included: a seeded stream never repeats
+        self._loading_training_data = False
+        self._marked_loop: Any = None
+        #: Examples whose gradient was not finite and that contributed nothing, this fit, on this
+        #: process; and on all processes (summed when training ends).
+        self.non_finite_examples = 0
+        self.non_finite_examples_total = 0
         self._engine_params: frozenset[nn.Parameter] = frozenset()
         #: What the start-of-fit per-sample gradient check did (read by the privacy report):
         #: ``{"engine", "verified", "examples", "worst_relative_error"}``; ``None`` before a fit.
@@ -165,7 +198,35 @@ class _PrivateTraining:
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             self._dp_fitting = True
+            self._fits += 1
+            self.non_finite_examples = self.non_finite_examples_total = 0
+            self._mark_training_data_loading(trainer)
+            if self.seed is not None:
+                rank_zero_warn(
+                    f"{type(self).__name__}(seed={self.seed}): the noise and the Poisson draws are reproducible from "
+                    "the seed. Use it for debugging only: anyone who knows the seed can recompute the noise, so the "
+                    "privacy guarantee holds only against someone who does not. Leave seed=None for OS entropy."
+                )
             warnings.filterwarnings("ignore", message=_EMPTY_STEP_WARNING)
+
+    def _mark_training_data_loading(self, trainer: pl.Trainer) -> None:
+        # Lightning hands every loader to process_dataloader without saying which stage it is for,
+        # and a tuner reloads the validation loader while the Trainer's stage is TRAINING. Only the
+        # fit loop's setup_data loads the training data, so it alone marks what to Poisson-sample.
+        fit_loop = trainer.fit_loop
+        if "setup_data" in vars(fit_loop):
+            return
+        original = fit_loop.setup_data
+
+        def setup_data() -> None:
+            self._loading_training_data = True
+            try:
+                original()
+            finally:
+                self._loading_training_data = False
+
+        fit_loop.setup_data = setup_data  # type: ignore[method-assign]
+        self._marked_loop = fit_loop
 
     def _replace_batch_norm(self, module: nn.Module) -> None:
         if self.replace_batch_norm:
@@ -229,8 +290,10 @@ class _PrivateTraining:
     def process_dataloader(self, dataloader: object) -> object:
         dataloader = super().process_dataloader(dataloader)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or trainer.state.stage != RunningStage.TRAINING or not self._dp_fitting:
-            return dataloader  # validation, test and predict loaders stay exactly as they are
+        if trainer is None or not (self._dp_fitting and self._loading_training_data):
+            # Validation, test and predict loaders stay exactly as they are, also those a tuner
+            # reloads while the Trainer's stage still says TRAINING (scale_batch_size does).
+            return dataloader
         if is_poisson_dataloader(dataloader):
             self.train_dataloader = dataloader  # type: ignore[assignment]
             return dataloader
@@ -239,19 +302,20 @@ class _PrivateTraining:
                 f"DP training needs a torch DataLoader to Poisson-sample, got {type(dataloader).__name__}."
             )
         rank, world_size = self._shard()
-        if self._sampling_generator is None:
-            # The accounting composes steps as independent Poisson samples, so no draw may be
-            # replayed: not on another process (seed_everything gives all the same seed), not
-            # by a run resumed with the same seed, not by a reloaded loader. Hence one stream per
-            # fit, seeded by the seed, the step the fit starts from, and the rank.
-            base = dataloader.generator.initial_seed() if dataloader.generator is not None else torch.initial_seed()
-            seed = hash((base, trainer.global_step, rank)) & (2**63 - 1)
-            self._sampling_generator = torch.Generator().manual_seed(seed)
         self.train_dataloader = poisson_dataloader(
             dataloader, self.max_physical_batch_size, self.secure_mode, rank=rank, world_size=world_size,
-            generator=self._sampling_generator,
+            generator=self._fit_streams(trainer).sampling,
         )
         return self.train_dataloader
+
+    def _fit_streams(self, trainer: pl.Trainer) -> RandomStreams:
+        """This fit's random streams, made when the training data is first loaded (after a
+        checkpoint's step is restored) and kept for the whole fit: a tuner's reloads and trial
+        loops continue them rather than start them again."""
+        if self._streams is None:
+            rank, _ = self._shard()
+            self._streams = RandomStreams(self.seed, rank, trainer.global_step, self._fits)
+        return self._streams
 
     @property
     def sample_rate(self) -> float:
@@ -275,17 +339,22 @@ class _PrivateTraining:
     # ------------------------------------------------------------------ the step
     def on_train_start(self) -> None:
         super().on_train_start()
+        if self.budget is not None:
+            # Plan here, not only in the callback's own hook: tuners (lr_find, scale_batch_size)
+            # run the fit loop with the Trainer's callbacks swapped out, and their steps are private
+            # steps like any other.
+            self.budget.ensure_planned(self.lightning_module.trainer)
         if self.noise_multiplier is None:
             raise ValueError(
-                "DPStrategy(noise_multiplier=None) asks for the noise to be calibrated, but no "
+                f"{type(self).__name__}(noise_multiplier=None) asks for the noise to be calibrated, but no "
                 "PrivacyBudget callback is attached. Add callbacks=[PrivacyBudget(epsilon=..., "
                 "delta=...)] or set noise_multiplier."
             )
         if self.noise_multiplier == 0:
-            rank_zero_warn("DPStrategy: noise_multiplier=0 adds no noise; this run is NOT differentially private.")
+            rank_zero_warn(f"{type(self).__name__}: noise_multiplier=0 adds no noise; this run is NOT differentially private.")
         if self.budget is None:
             rank_zero_warn(
-                "DPStrategy is training without a PrivacyBudget callback: the mechanism runs, but nothing "
+                f"{type(self).__name__} is training without a PrivacyBudget callback: the mechanism runs, but nothing "
                 "tracks, logs or limits the privacy spent."
             )
         if not self.lightning_module.automatic_optimization:
@@ -293,7 +362,7 @@ class _PrivateTraining:
             return
         if not self.check_per_sample_grads:
             rank_zero_warn(
-                "DPStrategy(check_per_sample_grads=False): per-sample gradients are not verified for this "
+                f"{type(self).__name__}(check_per_sample_grads=False): per-sample gradients are not verified for this "
                 "model; if they are wrong, the privacy guarantee does not hold."
             )
         self._choose_engine()
@@ -327,59 +396,107 @@ class _PrivateTraining:
             self.engine.detach()
         self.engine = None
         self.grad_check = None
+        params = _trainable(module)
+        examples = self._check_examples() if self.check_per_sample_grads else None
+        reference = None
+        if examples is not None:
+            # The user's loss with plain autograd, once for every engine tried: a loss that is not
+            # per example is refused here, whatever the engine (LossNotPerExample).
+            with _train_mode(module), silenced_logging(module), no_dropout(module):
+                reference = reference_grads(
+                    params, examples.batch_of, examples.step, examples.n, self.loss_reduction, param_names(module)
+                )
         rejected: dict[str, str] = {}
         for name in ENGINES if self.engine_name == "auto" else (self.engine_name,):
-            engine = make_engine(name, self.loss_reduction)
-            problems = engine.unsupported(module)
+            try:
+                engine = make_engine(name, self.loss_reduction)
+                problems = engine.unsupported(module)
+            except Exception as err:  # an engine that cannot even look at the model is passed over
+                rejected[name] = f"{type(err).__name__}: {err}"
+                continue
             if problems:
                 rejected[name] = "; ".join(problems)
                 continue
-            engine.attach(module)
             try:
-                verified = self._check(engine) if self.check_per_sample_grads else "not verified"
+                engine.attach(module)
+                verified = self._check(engine, examples, reference) if examples is not None else "not verified"
             except PerSampleGradientMismatch as err:
                 engine.detach()
                 if self.engine_name != "auto":
                     raise
                 rejected[name] = str(err)
                 continue
+            except Exception as err:  # any failure while checking is a rejection, never a crash
+                engine.detach()
+                if self.engine_name != "auto":
+                    raise
+                rejected[name] = f"failed while checking it: {type(err).__name__}: {err}"
+                continue
             self.engine = engine
             self.grad_check = {"engine": name, "verified": self.check_per_sample_grads, **(self.grad_check or {})}
-            self._engine_params = frozenset(_trainable(module))
+            self._engine_params = frozenset(params)
             passed_over = "".join(f"\n  - '{n}' passed over: {why}" for n, why in rejected.items())
-            rank_zero_info(f"DPStrategy: per-sample gradients by the '{name}' engine ({verified}).{passed_over}")
+            rank_zero_info(f"{type(self).__name__}: per-sample gradients by the '{name}' engine ({verified}).{passed_over}")
+            if rejected and name in _SLOW_ENGINES:
+                rank_zero_warn(
+                    f"{type(self).__name__}: training with the slow '{name}' engine, because the faster ones cannot "
+                    "compute this model's per-sample gradients exactly:"
+                    + "".join(f"\n  - '{n}': {why}" for n, why in rejected.items())
+                )
             return
         raise PerSampleGradientMismatch(
             "No per-sample gradient engine computes exact per-example gradients for this model:\n"
             + "\n".join(f"  - '{n}': {why}" for n, why in rejected.items())
         )
 
-    def _check(self, engine: PerSampleGradEngine) -> str:
-        module = self.lightning_module
+    def _check_examples(self) -> Optional[_CheckExamples]:
+        """Up to ``_CHECK_EXAMPLES`` real training examples for the check: one drawn at random
+        from each of as many equal slices of the training set (so a class-sorted dataset shows
+        the check different classes, not its first few look-alikes), skipping examples whose
+        data is not finite (those are dropped in training, see GaussianMechanism)."""
         loader = self.train_dataloader
-        assert module is not None
         if loader is None:
-            return "no training data to verify on"
-        n = min(_CHECK_EXAMPLES, len(loader.dataset), self.max_physical_batch_size or _CHECK_EXAMPLES)  # type: ignore[arg-type]
-
+            return None
+        dataset = loader.dataset
+        size = len(dataset)  # type: ignore[arg-type]
+        n = min(_CHECK_EXAMPLES, size, self.max_physical_batch_size or _CHECK_EXAMPLES)
+        assert self._streams is not None
+        generator = self._streams.check
+        bounds = [size * k // n for k in range(n + 1)]
+        examples: list[Any] = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            for index in (lo + torch.randperm(hi - lo, generator=generator)[:_CHECK_TRIES]).tolist():
+                example = dataset[index]
+                if _all_finite(example):
+                    examples.append(example)
+                    break
+        if not examples:
+            return None
         plain_batch_to_device = super().batch_to_device  # type: ignore[misc]
-        # Fetch each example once: a Dataset with random augmentation must hand the batch and
-        # the one-example passes the same tensors.
-        examples = fetch_examples(loader, range(n))
 
-        def batch_of(indices: Any) -> Any:
-            return plain_batch_to_device(collate_examples(loader, [examples[i] for i in indices]))
+        def batch_of(positions: Any) -> Any:
+            # Each example was fetched once: a Dataset with random augmentation hands the batch and
+            # the one-example passes the same tensors.
+            return plain_batch_to_device(collate_examples(loader, [examples[i] for i in positions]))
 
+        return _CheckExamples(len(examples), batch_of, lambda b: self._run_training_step(b, 0))
+
+    def _check(self, engine: PerSampleGradEngine, examples: _CheckExamples, reference: Any) -> str:
+        module = self.lightning_module
+        assert module is not None
         start = time.perf_counter()
         with _train_mode(module), silenced_logging(module):
             worst = check_per_sample_grads(
-                engine, module, _trainable(module), batch_of, lambda b: self._run_training_step(b, 0),
-                list(range(n)), self.loss_reduction,
+                engine, module, _trainable(module), examples.batch_of, examples.step, list(range(examples.n)),
+                self.loss_reduction, reference,
             )
-        self.grad_check = {"examples": n, "worst_relative_error": float(worst)}
+        self.grad_check = {"examples": examples.n, "worst_relative_error": float(worst),
+                           "cross_talk_checked": examples.n >= 2}
         return (
-            f"verified against one-example backward passes on {n} training examples: largest relative error "
-            f"{worst:.1e}, in {time.perf_counter() - start:.2f} s"
+            f"verified on {examples.n} training examples drawn across the training set: per-example gradients match "
+            f"one-example backward passes (largest relative error {worst:.1e}), the batch's loss is the "
+            f"{self.loss_reduction} of the examples' own, and dropping an example moves no other's gradient; in "
+            f"{time.perf_counter() - start:.2f} s"
         )
 
     def _run_training_step(self, batch: Any, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
@@ -409,7 +526,9 @@ class _PrivateTraining:
         if self._pending is not None:
             raise RuntimeError("A private gradient was computed but never released by an optimizer step.")
         if self.budget is not None:
-            self.budget.ensure_step_allowed(self.lightning_module.trainer)
+            # The rate this batch was drawn with, not a loader's: whatever loader the batch came
+            # from, the budget plans and the ledger records the rate that actually trains.
+            self.budget.ensure_step_allowed(self.lightning_module.trainer, batch.sample_rate)
         module = self.lightning_module
         if self._manual is not None:
             return self._manual_training_step(batch, *rest, **kwargs)
@@ -418,9 +537,9 @@ class _PrivateTraining:
         if frozenset(params) != self._engine_params:
             # A callback (e.g. BaseFinetuning) froze or unfroze layers: hooks and the check were
             # made for the old set, so choose and verify the engine again for the new one.
-            rank_zero_info("DPStrategy: the trainable parameters changed; checking the engine again.")
+            rank_zero_info(f"{type(self).__name__}: the trainable parameters changed; checking the engine again.")
             self._choose_engine()
-        mechanism = GaussianMechanism(params, self.max_grad_norm, self.secure_mode)
+        mechanism = self._new_mechanism(params)
         output: Any = None
         loss_sum: Optional[Tensor] = None
         with _logged_once_per_step(module) as logs:
@@ -503,8 +622,45 @@ class _PrivateTraining:
         assert self.noise_multiplier is not None
         mechanism.release(self.noise_multiplier, batch.expected_size, add_noise=self._adds_noise,
                           all_reduce=self._all_reduce)
-        self.history.record(self.noise_multiplier, batch.sample_rate)
+        self._recorded(mechanism, self.noise_multiplier, batch.sample_rate)
         self._pending = self._mechanism = None
+
+    def _recorded(self, mechanism: GaussianMechanism, noise_multiplier: float, sample_rate: float) -> None:
+        """Book one released private step: on the ledger, and with the budget, which stops the
+        Trainer if the budget allows no further step."""
+        self.history.record(noise_multiplier, sample_rate)
+        self._count_non_finite(mechanism)
+        if self.budget is not None:
+            self.budget.after_step(self.lightning_module.trainer)
+
+    def _new_mechanism(self, params: Sequence[nn.Parameter]) -> GaussianMechanism:
+        assert self._streams is not None, "the training data was never loaded"
+        return GaussianMechanism(params, self.max_grad_norm, self.secure_mode, self._streams)
+
+    def _count_non_finite(self, mechanism: GaussianMechanism) -> None:
+        if not mechanism.dropped:
+            return
+        first = self.non_finite_examples == 0
+        self.non_finite_examples += mechanism.dropped
+        if first:
+            rank_zero_warn(
+                f"{type(self).__name__}: {mechanism.dropped} training example(s) in this step had a non-finite "
+                "gradient (NaN or inf in their data or loss) and contributed nothing to the update; clipping "
+                "bounds every example's influence, so this costs no privacy, but check your data. The total is "
+                "reported at the end of training and in the privacy report."
+            )
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._dp_fitting:
+            count = torch.tensor([float(self.non_finite_examples)], device=self.root_device)
+            self._all_reduce([count])  # every process's examples, for the report
+            self.non_finite_examples_total = int(count.item())
+            if self.non_finite_examples_total:
+                rank_zero_warn(
+                    f"{type(self).__name__}: {self.non_finite_examples_total} training example(s) had a non-finite "
+                    "gradient during this fit and contributed nothing to the updates (see the privacy report)."
+                )
 
     # ------------------------------------------------------------------ teardown
     def teardown(self) -> None:
@@ -514,7 +670,11 @@ class _PrivateTraining:
             self._dp_fitting = False
             self._pending = self._mechanism = None
             self._manual = None
-            self._sampling_generator = None
+            self._streams = None
+            loop = getattr(self, "_marked_loop", None)
+            if loop is not None and "setup_data" in vars(loop):
+                del loop.setup_data  # back to the class's method
+            self._marked_loop = None
             _remove_warning_filter(_EMPTY_STEP_WARNING)
         super().teardown()
 
@@ -564,6 +724,12 @@ class DPStrategy(_PrivateTraining, SingleDeviceStrategy):
             step one private optimizer once; the others (e.g. a GAN's generator, which sees
             only the discriminator) step on scalar losses that must not read the batch,
             without clipping, noise or accounting. See :mod:`lightning_dp.manual`.
+        seed: ``None`` (default): the noise, the Poisson draws and the check's examples come
+            from streams seeded with OS entropy at every fit, on every process, so no run, resume,
+            tuner trial or process replays another's (``seed_everything`` does not reach them). An
+            int makes them reproducible for debugging (derived from the seed, the rank, the step
+            the fit starts from and the fit's index, so a resume still draws new noise), with a
+            warning: anyone who knows the seed can recompute the noise.
         device: the device to train on; by default the one the Trainer's accelerator picks.
 
     Example::
@@ -598,6 +764,7 @@ class DPStrategy(_PrivateTraining, SingleDeviceStrategy):
         check_per_sample_grads: bool = True,
         replace_batch_norm: bool = False,
         private_optimizers: Optional[Sequence[int]] = None,
+        seed: Optional[int] = None,
         device: Optional[Union[str, torch.device]] = None,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -614,7 +781,7 @@ class DPStrategy(_PrivateTraining, SingleDeviceStrategy):
         self.parallel_devices: Optional[list[torch.device]] = [torch.device(device)] if device is not None else None
         self._init_private(
             max_grad_norm, noise_multiplier, max_physical_batch_size, secure_mode, loss_reduction, engine,
-            check_per_sample_grads, replace_batch_norm, private_optimizers,
+            check_per_sample_grads, replace_batch_norm, private_optimizers, seed,
         )
 
     # ------------------------------------------------------------------ devices

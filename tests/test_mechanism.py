@@ -66,8 +66,9 @@ def test_physical_chunks_give_one_update_per_poisson_batch() -> None:
     assert t.global_step == 3
     assert t.strategy.history.steps == 3
     assert all(sum(b.sizes) == b.size and max(b.sizes) <= 2 for b in rec.batches)
-    # Several chunks per step and one training_step per chunk (plus the 2-example check's 3 calls).
-    assert model.training_step_calls == sum(len(b.chunks) for b in rec.batches) + 3
+    # Several chunks per step and one training_step per chunk, plus the 2-example check's 5 calls:
+    # each example alone and both together (plain autograd), both and one of them (the engine).
+    assert model.training_step_calls == sum(len(b.chunks) for b in rec.batches) + 5
 
 
 class ZeroGrad(Classifier):
@@ -116,8 +117,9 @@ def test_empty_batches_take_an_accounted_noise_only_step() -> None:
     sizes = rec.sizes
     assert len(sizes) == 80 and sizes.count(0) > 20
     assert t.global_step == 80 == t.strategy.history.steps
-    # training_step ran once per non-empty draw (plus 5 calls of the 4-example start-of-fit check)
-    assert model.training_step_calls == sum(1 for s in sizes if s > 0) + 5
+    # training_step ran once per non-empty draw, plus 11 calls of the 8-example start-of-fit check:
+    # each example alone and all together (plain autograd), all and all but one (the engine).
+    assert model.training_step_calls == sum(1 for s in sizes if s > 0) + 11
     assert all(math.isfinite(v) for v in logged)
     assert any((a != b).any() for a, b in zip(before, model.parameters()))  # the noise moved them
 

@@ -1,122 +1,284 @@
 """The run-time check: per-sample gradients are compared, not trusted.
 
-Before the first private step, the engine's per-sample gradients on a few real training
-examples are compared with a plain backward pass on each example alone. Any engine that is
-wrong for the user's model (Opacus on ``pos_emb(torch.arange(T))``, a parameter used outside a
-hooked layer, a loss that is not the mean of per-example losses) is caught here, before it
-can train with a guarantee it does not give.
+Before the first private step, on a few real training examples drawn across the whole
+training set, the check establishes two things, and refuses to train unless both hold:
+
+1. **The loss is a per-example loss** (whatever the engine). The batch's loss must be the
+   mean (or sum) of each example's loss computed alone, and its gradient the mean (or sum)
+   of their gradients, all finite. A loss that mixes examples fails here: batch statistics
+   (standardising by the batch's std, which is NaN for one example), contrastive losses
+   (InfoNCE), a normaliser over the batch's token count (Hugging Face's ``.loss``). No engine
+   can train such a loss with per-example clipping, so this is :class:`LossNotPerExample`,
+   which ``engine="auto"`` does not pass over.
+2. **The engine computes each example's gradient exactly**: its per-example gradients and
+   norms equal one-example backward passes, and dropping one example from the batch does not
+   move any other example's gradient (cross-talk inside the engine, e.g. Opacus guessing the
+   batch dimension of ``pos_emb(torch.arange(T))``). A failure here is specific to the engine
+   (:class:`PerSampleGradientMismatch`); ``"auto"`` moves on to the next.
+
+Every comparison treats a non-finite value as a failure: a NaN never passes a tolerance test.
+Dropout (``nn.Dropout`` modules, functional dropout and attention dropout) is off during the
+check, since a batch and its one-example slices draw different masks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import TorchFunctionMode
 
 from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, StepFn, param_names
 
 # float32 per-sample gradients from einsum-based samplers differ from autograd at ~1e-6.
 RTOL = 1e-3
 
+#: Builds a device batch from positions in the check's list of examples.
+BatchOf = Callable[[Sequence[int]], object]
+
 
 class PerSampleGradientMismatch(RuntimeError):
     """The engine's per-sample gradients differ from one-example backward passes."""
 
 
+class LossNotPerExample(PerSampleGradientMismatch):
+    """``training_step``'s loss is not a mean (or sum) of per-example losses: no engine can
+    clip it per example."""
+
+
+_NOT_PER_EXAMPLE_FIX = (
+    " DP-SGD bounds each example's influence by clipping its own gradient, so training_step must return "
+    "the mean (or, with DPStrategy(loss_reduction='sum'), the sum) over the batch of losses that each depend "
+    "on one example only. Remove batch statistics (a mean/std over the batch, BatchNorm), contrastive terms "
+    "between examples, and normalisers over the whole batch (e.g. Hugging Face's `model(**batch).loss` "
+    "averages tokens over the batch: use lightning_dp.causal_lm_loss(logits, labels) instead)."
+)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the user's loss gives on the check's examples with plain autograd."""
+
+    grads: list[list[Tensor]]  # per example, per parameter (zeros where unused)
+    norms: list[float]
+    losses: list[float]
+    batch_grad: list[Tensor]
+    batch_loss: float
+
+
 @contextmanager
-def deterministic_layers(module: nn.Module) -> Iterator[None]:
-    """Put dropout layers in eval mode: a batch and its one-example slices draw different
-    dropout masks, so the comparison would fail on randomness rather than on a wrong gradient."""
+def no_dropout(module: nn.Module) -> Iterator[None]:
+    """Turn off every kind of dropout: ``nn.Dropout`` modules (eval mode), and the functional
+    dropouts and attention dropout that models call with a rate read from a config (Hugging
+    Face's attention calls ``scaled_dot_product_attention(..., dropout_p=...)`` while in
+    training mode). A batch and its one-example slices would otherwise draw different masks,
+    and the comparison would fail on randomness rather than on a wrong gradient."""
     dropouts = [m for m in module.modules() if isinstance(m, _DropoutNd) and m.training]
     for m in dropouts:
         m.eval()
     try:
-        yield
+        with _NoFunctionalDropout():
+            yield
     finally:
         for m in dropouts:
             m.train()
+
+
+#: Kept for callers of the old name.
+deterministic_layers = no_dropout
+
+
+class _NoFunctionalDropout(TorchFunctionMode):
+    _RATE_ARGS = {
+        torch.nn.functional.dropout: 1, torch.nn.functional.dropout1d: 1, torch.nn.functional.dropout2d: 1,
+        torch.nn.functional.dropout3d: 1, torch.nn.functional.alpha_dropout: 1,
+        torch.nn.functional.feature_alpha_dropout: 1, torch.dropout: 1, torch.alpha_dropout: 1,
+        torch.feature_dropout: 1, torch.feature_alpha_dropout: 1,
+    }
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in self._RATE_ARGS:
+            return args[0]  # dropout with rate 0: the identity
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            if len(args) > 4:  # (query, key, value, attn_mask, dropout_p, ...)
+                args = (*args[:4], 0.0, *args[5:])
+            else:
+                kwargs["dropout_p"] = 0.0
+        return func(*args, **kwargs)
+
+
+def reference_grads(
+    params: Sequence[nn.Parameter],
+    batch_of: BatchOf,
+    step: StepFn,
+    n: int,
+    loss_reduction: LossReduction,
+    names: dict[nn.Parameter, str],
+) -> Reference:
+    """The user's loss with plain autograd (no engine attached): each example alone, and the
+    batch of all ``n``. Raises :class:`LossNotPerExample` unless the batch's loss and gradient
+    are the ``loss_reduction`` of the examples' own, all finite."""
+    params = list(params)
+    grads: list[list[Tensor]] = []
+    losses: list[float] = []
+    for i in range(n):
+        try:
+            _, loss = step(batch_of([i]))
+            row = torch.autograd.grad(loss, params, allow_unused=True)
+        except Exception as err:
+            raise LossNotPerExample(
+                f"training_step fails on a batch of one example ({type(err).__name__}: {err}). The per-sample "
+                "gradient check compares each engine with one backward pass per example, and DP-SGD's per-example "
+                "clipping needs a loss defined for each example alone." + _NOT_PER_EXAMPLE_FIX
+            ) from err
+        if loss.numel() != 1:
+            raise LossNotPerExample(
+                f"training_step returned a loss of shape {tuple(loss.shape)}; it must be a scalar (the batch's "
+                "mean or sum of per-example losses)."
+            )
+        grads.append([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, row)])
+        losses.append(float(loss.detach().double()))
+    _, batch_loss = step(batch_of(list(range(n))))
+    batch_grad = [
+        torch.zeros_like(p) if g is None else g.detach()
+        for p, g in zip(params, torch.autograd.grad(batch_loss, params, allow_unused=True))
+    ]
+    norms = [_norm(row) for row in grads]
+    ref = Reference(grads, norms, losses, batch_grad, float(batch_loss.detach().double()))
+
+    bad = [i for i in range(n) if not (math.isfinite(norms[i]) and math.isfinite(losses[i]))]
+    if bad:
+        batch_finite = math.isfinite(ref.batch_loss) and math.isfinite(_norm(batch_grad))
+        raise LossNotPerExample(
+            f"On {len(bad)} of {n} training examples, the loss of the example alone (a batch of one) is "
+            f"{_describe(losses[bad[0]], norms[bad[0]])}"
+            + (", while the batch's loss is finite" if batch_finite else "")
+            + ": the loss reads statistics of the batch (e.g. a standard deviation over the batch, NaN for one "
+            "example), so an example's gradient depends on the others." + _NOT_PER_EXAMPLE_FIX
+        )
+    if n < 2:
+        return ref
+    # The batch's gradient against the examples' own, summed and averaged: is the loss additive,
+    # and with which reduction?
+    summed = [sum(row[k] for row in grads) for k in range(len(params))]
+    scale = sum(norms)
+    tol = RTOL * scale + 1e-8
+    off_sum = _dist(summed, batch_grad, 1.0)
+    off_mean = _dist(summed, batch_grad, 1.0 / n)
+    want, other = (off_mean, off_sum) if loss_reduction == "mean" else (off_sum, off_mean)
+    if not (math.isfinite(ref.batch_loss) and math.isfinite(want)):
+        raise LossNotPerExample(
+            f"On a batch of {n} training examples whose losses are each finite alone, the batch's loss or gradient "
+            f"is not finite ({_describe(ref.batch_loss, _norm(batch_grad))}): the loss mixes examples."
+            + _NOT_PER_EXAMPLE_FIX
+        )
+    if want > tol and other <= tol:
+        declared, actual = loss_reduction, "sum" if loss_reduction == "mean" else "mean"
+        raise LossNotPerExample(
+            f"training_step's loss is the {actual} of per-example losses over the batch, but DPStrategy was told "
+            f"loss_reduction={declared!r}. Pass DPStrategy(loss_reduction={actual!r}) (or return the {declared} "
+            "of the per-example losses): read as a mean, a sum would be clipped n times too large."
+        )
+    factor = 1.0 / n if loss_reduction == "mean" else 1.0
+    loss_off = abs(ref.batch_loss - factor * sum(losses))
+    loss_tol = RTOL * factor * sum(abs(v) for v in losses) + 1e-6
+    if want > tol or loss_off > loss_tol:
+        worst = _worst_params(batch_grad, summed, factor, params, names)
+        raise LossNotPerExample(
+            f"training_step's loss is not the {loss_reduction} of per-example losses: on {n} training examples "
+            f"drawn across the training set, the batch's loss is {ref.batch_loss:.6g} while the {loss_reduction} "
+            f"of each example's loss alone is {factor * sum(losses):.6g}, and the batch's gradient differs from the "
+            f"{loss_reduction} of their gradients by {want / (factor * scale + 1e-12):.2g} (relative; most in "
+            f"{worst}). The loss mixes examples." + _NOT_PER_EXAMPLE_FIX
+        )
+    return ref
 
 
 def check_per_sample_grads(
     engine: PerSampleGradEngine,
     module: nn.Module,
     params: Sequence[nn.Parameter],
-    batch_of: Callable[[Sequence[int]], object],
+    batch_of: BatchOf,
     step: StepFn,
     indices: Sequence[int],
     loss_reduction: LossReduction,
+    reference: Optional[Reference] = None,
 ) -> float:
-    """Compare ``engine``'s per-sample gradients with one-example backward passes.
+    """Compare ``engine``'s per-sample gradients with one-example backward passes, and check
+    that dropping an example from the batch moves no other example's gradient.
 
     Args:
         engine: the attached engine to check.
         module: the model (named in errors).
         params: the trainable parameters.
-        batch_of: builds a device batch from dataset indices.
+        batch_of: builds a device batch from positions ``0..n-1`` in the check's examples.
         step: runs the user's training step on a batch and returns ``(output, loss)``.
-        indices: the examples to check on.
+        indices: the positions to check on (``range(n)``).
         loss_reduction: how the loss reduces over the batch ("mean" or "sum").
+        reference: the plain-autograd :func:`reference_grads`, computed once for every
+            engine tried; computed here (with the engine disabled) when not given.
 
     Returns:
-        The largest relative error seen.
+        The largest relative error seen (finite: any non-finite value fails the check).
 
     Raises:
-        PerSampleGradientMismatch: naming the parameters whose gradients differ.
+        LossNotPerExample: the loss itself is not per example (no engine can fix that).
+        PerSampleGradientMismatch: the engine's gradients are wrong for this model.
     """
     names = param_names(module)
+    params = list(params)
     n = len(indices)
-    with deterministic_layers(module), torch.random.fork_rng(devices=_devices(params)):
-        batch = batch_of(indices)
-        try:
-            _, _, grads = engine.compute(step, batch, params, n, loss_reduction)
-            # Each example's gradient, as the DP step would weigh it alone; and its norm.
-            per_example = [grads.weighted_sum(torch.eye(n, device=_device(params))[k]) for k in range(n)]
-            sq_norms = grads.sq_norms()
-        except Exception as err:  # the engine crashing on this model is the check's finding
-            raise PerSampleGradientMismatch(
-                f"The '{engine.name}' per-sample gradient engine cannot handle this model: it failed on "
-                f"a batch of {n} training examples with {type(err).__name__}: {err}"
-            ) from err
-        reference: list[list[Optional[Tensor]]] = []
-        with engine.disabled():
-            for i in indices:
-                _, loss = step(batch_of([i]))
-                grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-                reference.append([None if g is None else g.detach() for g in grads])
-
-    def rows(k: int) -> tuple[list[Tensor], list[Tensor]]:
-        got = [torch.zeros_like(p) if g is None else g for p, g in zip(params, per_example[k])]
-        ref = [torch.zeros_like(p) if g is None else g for p, g in zip(params, reference[k])]
-        return got, ref
+    positions = list(range(n))
+    with no_dropout(module), torch.random.fork_rng(devices=_devices(params)):
+        if reference is None:
+            with engine.disabled():
+                reference = reference_grads(params, batch_of, step, n, loss_reduction, names)
+        per_example, sq_norms = _engine_grads(engine, step, batch_of, positions, params, loss_reduction)
+        dropped: Optional[list[list[Tensor]]] = None
+        if n >= 2:
+            # Cross-talk inside the engine: the others' gradients without the last example.
+            dropped, _ = _engine_grads(engine, step, batch_of, positions[:-1], params, loss_reduction)
 
     worst = 0.0
     bad: dict[str, float] = {}
     scale_hint = {"mean": 0, "sum": 0}
+
+    def flag(name: str, rel: float) -> None:
+        bad[name] = max(bad.get(name, 0.0), rel) if math.isfinite(rel) else math.inf
+
     for k in range(n):
-        got, ref = rows(k)
-        ref_norm = torch.sqrt(sum((r.double() ** 2).sum() for r in ref)).item()
+        got, ref = per_example[k], reference.grads[k]
+        ref_norm = reference.norms[k]
         tol = RTOL * ref_norm + 1e-8
         for p, g, r in zip(params, got, ref):
-            err = (g.double() - r.double()).norm().item()
+            err = _dist([g], [r], 1.0)
             rel = err / (ref_norm + 1e-12)
-            worst = max(worst, rel)
-            if err > tol:
-                name = names.get(p, "?")
-                bad[name] = max(bad.get(name, 0.0), rel)
-        norm_err = abs(sq_norms[k].double().clamp(min=0).sqrt().item() - ref_norm)
-        if norm_err > tol:  # the norm the clipping uses must be the gradient's norm
-            bad["<per-example gradient norm>"] = max(bad.get("<per-example gradient norm>", 0.0), norm_err / (ref_norm + 1e-12))
+            if not err <= tol:  # NaN fails too
+                flag(names.get(p, "?"), rel)
+            elif rel > worst:
+                worst = rel
+        norm_err = abs(math.sqrt(max(float(sq_norms[k]), 0.0)) - ref_norm) if math.isfinite(float(sq_norms[k])) else math.inf
+        if not norm_err <= tol:  # the norm the clipping uses must be the gradient's norm
+            flag("<per-example gradient norm>", norm_err / (ref_norm + 1e-12))
+        if dropped is not None and k < n - 1:
+            moved = _dist(dropped[k], got, 1.0)
+            if not moved <= tol:
+                flag("<cross-talk: dropping another example moved this one's gradient>", moved / (ref_norm + 1e-12))
         # Would the other loss reduction have matched? (a summed loss read as a mean is off by n)
         for other, factor in (("sum", 1.0 / n), ("mean", float(n))):
-            if other != loss_reduction:
-                diff = torch.sqrt(sum(((g.double() * factor - r.double()) ** 2).sum() for g, r in zip(got, ref)))
-                scale_hint[other] += int(diff.item() <= tol)
+            if other != loss_reduction and _dist(got, ref, factor) <= tol:
+                scale_hint[other] += 1
     if bad:
-        listed = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(bad.items(), key=lambda x: -x[1])[:8])
+        listed = ", ".join(
+            f"{name} (relative error {err:.2g})" for name, err in sorted(bad.items(), key=lambda x: -x[1])[:8]
+        )
         hint = ""
         for other, count in scale_hint.items():
             if count == n and n > 1:
@@ -128,11 +290,61 @@ def check_per_sample_grads(
             f"The '{engine.name}' per-sample gradient engine is wrong for this model: on {n} training "
             f"examples its per-example gradients differ from a backward pass on each example alone "
             f"for {len(bad)} parameter(s): {listed}.{hint} Training with them would not give the "
-            "reported privacy guarantee. If training_step is random beyond nn.Dropout layers "
-            "(functional dropout, sampling), make it deterministic for the check or pass "
+            "reported privacy guarantee. If training_step is random beyond dropout "
+            "(sampling, augmentation inside the step), make it deterministic for the check or pass "
             "DPStrategy(check_per_sample_grads=False) once you have verified the gradients yourself."
         )
     return worst
+
+
+def _engine_grads(
+    engine: PerSampleGradEngine,
+    step: StepFn,
+    batch_of: BatchOf,
+    positions: list[int],
+    params: list[nn.Parameter],
+    loss_reduction: LossReduction,
+) -> tuple[list[list[Tensor]], Tensor]:
+    m = len(positions)
+    try:
+        _, _, grads = engine.compute(step, batch_of(positions), params, m, loss_reduction)
+        eye = torch.eye(m, device=_device(params))
+        rows = [grads.weighted_sum(eye[k]) for k in range(m)]
+        sq_norms = grads.sq_norms().detach().double().cpu()
+    except Exception as err:  # the engine crashing on this model is the check's finding
+        raise PerSampleGradientMismatch(
+            f"The '{engine.name}' per-sample gradient engine cannot handle this model: it failed on "
+            f"a batch of {m} training examples with {type(err).__name__}: {err}"
+        ) from err
+    per_example = [[torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, row)] for row in rows]
+    return per_example, sq_norms
+
+
+def _norm(tensors: Sequence[Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+
+
+def _dist(a: Sequence[Tensor], b: Sequence[Tensor], factor: float) -> float:
+    """``||factor * a - b||`` over all tensors (NaN if any value is not finite)."""
+    total = 0.0
+    for x, y in zip(a, b):
+        total += float((x.double() * factor - y.double()).square().sum())
+    return math.sqrt(total) if total >= 0 else math.nan
+
+
+def _worst_params(
+    batch: list[Tensor], summed: list[Tensor], factor: float, params: list[nn.Parameter], names: dict[nn.Parameter, str]
+) -> str:
+    errors = sorted(
+        ((_dist([s], [b], factor), names.get(p, "?")) for p, b, s in zip(params, batch, summed)), reverse=True
+    )
+    return ", ".join(name for _, name in errors[:3])
+
+
+def _describe(loss: float, norm: float) -> str:
+    if not math.isfinite(loss):
+        return f"{loss} (loss)"
+    return f"finite ({loss:.4g}) with a gradient norm of {norm}"
 
 
 def _device(params: Sequence[nn.Parameter]) -> torch.device:

@@ -24,12 +24,22 @@ class PerExampleGrads(ABC):
     batch_size: int
 
     @abstractmethod
-    def sq_norms(self) -> Tensor:
-        """Shape ``(batch_size,)``: each example's squared gradient norm over all parameters."""
+    def sq_norms(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Shape ``(batch_size,)``: each example's squared gradient norm over all parameters,
+        accumulated in ``dtype``. In float32 a huge but finite gradient can overflow to inf;
+        in float64 every finite float32 gradient's squared norm is finite (the mechanism asks
+        for float64 only when float32 overflowed)."""
 
     @abstractmethod
     def weighted_sum(self, weights: Tensor) -> list[Optional[Tensor]]:
         """For each parameter, ``sum_i weights[i] * grad_i`` (``None`` where all are zero)."""
+
+    @abstractmethod
+    def drop(self, rows: Tensor) -> None:
+        """Make the examples where the bool mask ``rows`` is true contribute exactly zero to
+        every later :meth:`weighted_sum`, even if their gradients hold NaN or inf (``0 * nan``
+        is NaN, so a zero weight alone would not do). Never modifies tensors in place: they may
+        be the user's batch."""
 
 
 class Materialized(PerExampleGrads):
@@ -39,15 +49,25 @@ class Materialized(PerExampleGrads):
         self.grads = grads
         self.batch_size = batch_size
 
-    def sq_norms(self) -> Tensor:
+    def sq_norms(self, dtype: torch.dtype = torch.float32) -> Tensor:
         present = [g for g in self.grads if g is not None]
-        sq = torch.zeros(self.batch_size, dtype=torch.float32, device=present[0].device if present else None)
+        sq = torch.zeros(self.batch_size, dtype=dtype, device=present[0].device if present else None)
         for g in present:
-            sq += torch.linalg.vector_norm(g.reshape(self.batch_size, -1), dim=1, dtype=torch.float32).square()
+            sq += torch.linalg.vector_norm(g.reshape(self.batch_size, -1), dim=1, dtype=dtype).square()
         return sq
 
     def weighted_sum(self, weights: Tensor) -> list[Optional[Tensor]]:
         return [None if g is None else torch.einsum("i,i...->...", weights.to(g.dtype), g) for g in self.grads]
+
+    def drop(self, rows: Tensor) -> None:
+        self.grads = [None if g is None else zero_rows(g, rows) for g in self.grads]
+
+
+def zero_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """``t`` with its leading-dimension entries where ``rows`` is true replaced by zeros (a new
+    tensor: NaN and inf included)."""
+    mask = rows.to(t.device).view(-1, *([1] * (t.dim() - 1)))
+    return torch.where(mask, torch.zeros((), dtype=t.dtype, device=t.device), t)
 
 
 class PerSampleGradEngine(ABC):

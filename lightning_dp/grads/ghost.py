@@ -33,6 +33,7 @@ from lightning_dp.grads.engine import (
     PerSampleGradEngine,
     StepFn,
     param_names,
+    zero_rows,
 )
 from lightning_dp.grads.hooks import PerSampleGradientError
 
@@ -81,19 +82,24 @@ class GhostGrads(PerExampleGrads):
     def add_materialized(self, index: int, grad: Tensor) -> None:
         self.materialized[index] = grad if index not in self.materialized else self.materialized[index] + grad
 
-    def sq_norms(self) -> Tensor:
+    def sq_norms(self, dtype: torch.dtype = torch.float32) -> Tensor:
         n = self.batch_size
-        sq = torch.zeros(n, dtype=torch.float32, device=self._device())
+        sq = torch.zeros(n, dtype=dtype, device=self._device())
         for g in self.materialized.values():
-            sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float32).square()
+            sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=dtype).square()
         for _, a, g, _, _ in self.linear:
-            a, g = a.float(), g.float()
+            a, g = a.to(dtype), g.to(dtype)
             sq += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
         for _, ids, g, _ in self.embedding:
-            g = g.float()
-            same = (ids.unsqueeze(2) == ids.unsqueeze(1)).float()
+            g = g.to(dtype)
+            same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(dtype)
             sq += (same * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
         return sq
+
+    def drop(self, rows: Tensor) -> None:
+        self.materialized = {i: zero_rows(g, rows) for i, g in self.materialized.items()}
+        self.linear = [(i, zero_rows(a, rows), zero_rows(g, rows), t, s) for i, a, g, t, s in self.linear]
+        self.embedding = [(i, ids, zero_rows(g, rows), r) for i, ids, g, r in self.embedding]
 
     def weighted_sum(self, weights: Tensor) -> list[Optional[Tensor]]:
         out: list[Optional[Tensor]] = [None] * self.num_params

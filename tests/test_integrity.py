@@ -1,0 +1,137 @@
+"""A tampered or inconsistent checkpoint ledger is refused, naming the field; a checkpoint
+written by lightning-dp 0.1 (no digests) still resumes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from conftest import Classifier, loader, make_dataset, trainer
+from lightning_dp import DPStrategy, PrivacyBudget
+from lightning_dp.accounting import compute_epsilon
+from lightning_dp.integrity import KEY_VARIABLE
+
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_v0_1.ckpt"
+
+
+def write_checkpoint(path: Path) -> None:
+    t = trainer(max_steps=3, strategy=DPStrategy(noise_multiplier=1.0), callbacks=[PrivacyBudget(epsilon=8.0, delta=1e-5)])
+    t.fit(Classifier(), loader(make_dataset()))
+    t.save_checkpoint(path)
+
+
+def budget_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("PrivacyBudget")]
+    return checkpoint["callbacks"][key]
+
+
+def resume(path: Path, budget: PrivacyBudget | None = None) -> PrivacyBudget:
+    budget = budget or PrivacyBudget(epsilon=8.0, delta=1e-5)
+    t = trainer(max_steps=5, strategy=DPStrategy(noise_multiplier=1.0), callbacks=[budget])
+    t.fit(Classifier(), loader(make_dataset()), ckpt_path=path)
+    return budget
+
+
+def edited(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    path = tmp_path / "run.ckpt"
+    if not path.exists():
+        write_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    edit(budget_state(checkpoint))
+    out = tmp_path / "edited.ckpt"
+    torch.save(checkpoint, out)
+    return out
+
+
+def larger_sigma(state: dict[str, Any]) -> None:
+    state["history"]["segments"][0][0] = 10.0
+
+
+def smaller_rate(state: dict[str, Any]) -> None:
+    state["history"]["segments"][0][1] = 0.001
+
+
+def fewer_steps(state: dict[str, Any]) -> None:
+    state["history"]["segments"][0][2] = 1
+
+
+@pytest.mark.parametrize("edit", [larger_sigma, smaller_rate])
+def test_an_edited_ledger_is_refused_naming_the_field(tmp_path: Path, edit) -> None:
+    with pytest.raises(ValueError, match=r"field\(s\) 'history' do not match"):
+        resume(edited(tmp_path, edit))
+
+
+def test_a_ledger_with_steps_removed_is_refused(tmp_path: Path) -> None:
+    # Fewer steps than the checkpoint trained is caught before the digest, by the step count.
+    with pytest.raises(ValueError, match="were not accounted|'history'"):
+        resume(edited(tmp_path, fewer_steps))
+
+
+def test_edited_targets_and_a_stripped_digest_are_refused(tmp_path: Path) -> None:
+    def raise_epsilon(state: dict[str, Any]) -> None:
+        state["epsilon"] = 100.0
+
+    with pytest.raises(ValueError, match="'epsilon'"):
+        resume(edited(tmp_path, raise_epsilon))
+
+    def drop_digest(state: dict[str, Any]) -> None:
+        del state["digests"]["history"]
+        larger_sigma(state)
+
+    with pytest.raises(ValueError, match="'history'"):
+        resume(edited(tmp_path, drop_digest))
+
+
+def test_another_runs_ledger_is_refused(tmp_path: Path) -> None:
+    def other_run(state: dict[str, Any]) -> None:
+        state["run_id"] = "0" * 32
+
+    with pytest.raises(ValueError, match="'history'"):
+        resume(edited(tmp_path, other_run))
+
+
+def test_an_unmodified_checkpoint_resumes_and_keeps_its_run_identity(tmp_path: Path) -> None:
+    path = tmp_path / "run.ckpt"
+    write_checkpoint(path)
+    run_id = budget_state(torch.load(path, weights_only=False))["run_id"]
+    budget = resume(path)
+    assert budget.steps == 5 and budget.run_id == run_id
+
+
+def test_with_a_key_unsigned_and_foreign_ledgers_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unsigned = tmp_path / "unsigned.ckpt"
+    write_checkpoint(unsigned)
+    monkeypatch.setenv(KEY_VARIABLE, "team-secret")
+    with pytest.raises(ValueError, match="'signed'"):
+        resume(unsigned)
+    signed = tmp_path / "signed.ckpt"
+    write_checkpoint(signed)
+    assert resume(signed).steps == 5
+    monkeypatch.setenv(KEY_VARIABLE, "another-secret")
+    with pytest.raises(ValueError, match="'history'"):
+        resume(signed)
+    with pytest.raises(ValueError, match="'digests'"):  # a 0.1 checkpoint has no signature
+        resume(LEGACY)
+
+
+def test_a_checkpoint_written_by_lightning_dp_0_1_still_resumes() -> None:
+    legacy = budget_state(torch.load(LEGACY, weights_only=False))
+    segments = [tuple(s) for s in legacy["history"]["segments"]]
+    assert segments == [(0.96484375, 0.125, 5)]
+    budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
+    t = trainer(max_steps=8, strategy=DPStrategy(), callbacks=[budget])
+    with pytest.warns(UserWarning, match="before ledgers carried digests"):
+        t.fit(Classifier(), loader(make_dataset(n=64), batch_size=8), ckpt_path=LEGACY)
+    assert budget.steps == 8 and budget.history.segments[0] == segments[0]
+    assert compute_epsilon(segments, 1e-5) < budget.epsilon_spent <= 3.0
+
+
+def test_the_report_command_refuses_a_tampered_checkpoint(tmp_path: Path) -> None:
+    path = edited(tmp_path, larger_sigma)
+    proc = subprocess.run([sys.executable, "-m", "lightning_dp", "report", str(path)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "'history'" in proc.stderr
