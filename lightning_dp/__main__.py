@@ -62,11 +62,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     report.add_argument("checkpoint", type=Path, help="a Lightning checkpoint (.ckpt) you trust: it is unpickled")
     report.add_argument("--out", type=Path, default=None,
                         help="also write privacy_report.json and privacy_report.png into this directory")
+    report.add_argument("--allow-unverified", action="store_true",
+                        help="report a ledger that cannot be verified (lightning-dp 0.1, or edited) instead of "
+                             "refusing it; the report marks it unverified")
     args = parser.parse_args(argv)
 
     if args.command == "report":
         try:
-            return _report(args.checkpoint, args.out)
+            return _report(args.checkpoint, args.out, args.allow_unverified)
         except ValueError as err:
             parser.error(str(err))
 
@@ -87,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _report(path: Path, out: Optional[Path]) -> int:
+def _report(path: Path, out: Optional[Path], allow_unverified: bool = False) -> int:
     """Print (and with ``out`` write) the privacy report of the checkpoint at ``path``."""
     if not path.is_file():
         raise ValueError(f"no checkpoint file at {path}")
@@ -113,7 +116,9 @@ def _report(path: Path, out: Optional[Path]) -> int:
     budget = PrivacyBudget(
         state["epsilon"], state["delta"], state["accountant"], max_advantage=state.get("max_advantage"),
         max_tpr_at_fpr=state.get("max_tpr_at_fpr") or None, kappa=state.get("kappa"),
+        allow_unverified_ledger=allow_unverified,
     )
+    budget.verify_binding(checkpoint)
     budget.load_state_dict(state)
     audits = [s for k, s in callbacks.items() if str(k).startswith("PrivacyAudit")]
     audit = None

@@ -22,8 +22,9 @@ from lightning_dp.accounting import (
     max_steps,
 )
 from lightning_dp.audit import PrivacyAudit
-from lightning_dp.integrity import KEY_VARIABLE, seal, unverified_fields
+from lightning_dp.integrity import KEY_VARIABLE, bind, binding_verifies, seal, unverified_fields
 from lightning_dp.risk import AdvantageTarget, PrivacyRisk, TprTarget, privacy_profile, risk_targets
+from lightning_dp.spend_table import SpendTable
 from lightning_dp.strategy import DPStrategy, _PrivateTraining
 
 if TYPE_CHECKING:
@@ -34,7 +35,23 @@ __all__ = ["PrivacyBudget", "PrivacyBudgetExhausted"]
 #: Version 2 added the run's identity and the per-field digests.
 _STATE_VERSION = 2
 _SEALED_FIELDS = ("history", "epsilon", "delta", "accountant", "max_advantage", "max_tpr_at_fpr", "kappa",
-                  "noise_multiplier", "safety_checks")
+                  "noise_multiplier", "safety_checks", "ledger_verified")
+
+
+def _verify_fields(state: Mapping[str, Any]) -> None:
+    bad = unverified_fields(state, required=_SEALED_FIELDS)
+    if bad:
+        raise ValueError(
+            f"The checkpoint's PrivacyBudget ledger does not verify: field(s) {', '.join(map(repr, bad))} do not "
+            "match the digest written with them (edited after the run saved them, or signed with another "
+            f"{KEY_VARIABLE}). Resuming would report a spend that is not the one the run made, so it is refused. "
+            "Resume from an unmodified checkpoint."
+        )
+
+
+def _is_legacy(state: Mapping[str, Any]) -> bool:
+    """A state in lightning-dp 0.1's format (no version, no digests)."""
+    return "digests" not in state and "version" not in state
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -55,7 +72,9 @@ class PrivacyBudget(Callback):
       ``dp/sample_rate``, ``dp/steps`` and ``dp/delta`` on every logging step, with the
       attack-risk bounds of :mod:`lightning_dp.risk`: ``dp/risk/advantage``,
       ``dp/risk/tpr_at_fpr_0.001``, ``dp/risk/tpr_at_fpr_0.01`` (and those of the TPR
-      targets), and ``dp/risk/reconstruction`` given ``kappa``;
+      targets), and ``dp/risk/reconstruction`` given ``kappa``. The logged figures come from
+      a table computed once per plan (:class:`~lightning_dp.spend_table.SpendTable`): upper
+      bounds, exact at a few steps, at no accountant cost per step;
     * **checkpoints** the ledger of every step taken, so ``fit(ckpt_path=...)`` continues
       the spend exactly (a resume with another sample rate or noise adds a segment);
     * **reports** at the end of ``fit`` (and on demand, :meth:`report`): writes
@@ -82,6 +101,12 @@ class PrivacyBudget(Callback):
             members. Each rate in (0, 1), each TPR above its rate and below 1.
         kappa: log ``dp/risk/reconstruction``, the bound on reconstructing a record that a
             baseline guesses with probability ``kappa`` in (0, 1).
+        log_risk: log the ``dp/risk/*`` figures (default ``True``); ``False`` skips their part
+            of the plan's table (a few PLD compositions). Risk targets are enforced either way.
+        allow_unverified_ledger: resume a checkpoint whose ledger cannot be verified (written by
+            lightning-dp 0.1, before ledgers carried digests; or whose weights or step changed
+            after saving) with a warning, instead of refusing it; the report then marks the
+            ledger unverified. See :mod:`lightning_dp.integrity`.
 
     Attributes:
         epsilon_spent: epsilon at ``delta`` after the steps taken so far.
@@ -110,6 +135,8 @@ class PrivacyBudget(Callback):
         accountant: AccountantName = "prv",
         report: bool = True,
         *,
+        log_risk: bool = True,
+        allow_unverified_ledger: bool = False,
         max_advantage: Optional[float] = None,
         max_tpr_at_fpr: Optional[Mapping[float, float]] = None,
         kappa: Optional[float] = None,
@@ -134,6 +161,12 @@ class PrivacyBudget(Callback):
         if not isinstance(report, bool):
             raise ValueError(f"report must be True or False, got {report!r}")
         self.report_at_fit_end = report
+        if not isinstance(log_risk, bool):
+            raise ValueError(f"log_risk must be True or False, got {log_risk!r}")
+        self.log_risk = log_risk
+        if not isinstance(allow_unverified_ledger, bool):
+            raise ValueError(f"allow_unverified_ledger must be True or False, got {allow_unverified_ledger!r}")
+        self.allow_unverified_ledger = allow_unverified_ledger
         self.epsilon = None if epsilon is None else float(epsilon)
         self.delta = float(delta)
         self.accountant: AccountantName = accountant
@@ -142,9 +175,13 @@ class PrivacyBudget(Callback):
         self._allowed_steps: Optional[int] = None
         self._planned_for: Optional[tuple[float, float]] = None  # (noise_multiplier, sample_rate)
         self._planned_end: float = math.inf  # the ledger's step count when the planned run ends
+        self._plan_base = PrivacyHistory()  # the ledger when the plan was made
+        self._table: Optional[SpendTable] = None
         self.stopped_reason: Optional[str] = None
         #: This run's identity, kept across resumes (part of every digest of its saved ledger).
         self.run_id = uuid.uuid4().hex
+        #: ``False`` once a ledger that could not be verified was resumed (allow_unverified_ledger).
+        self.ledger_verified = True
 
     # ------------------------------------------------------------------ what was spent
     @property
@@ -272,6 +309,8 @@ class PrivacyBudget(Callback):
         self._allowed_steps = self._ledger.steps + extra
         self._planned_for = (sigma, q)
         self._planned_end = self._ledger.steps + remaining
+        self._plan_base = PrivacyHistory(list(self._ledger.segments))
+        self._table = None  # built when first logged
         rank_zero_info(
             f"PrivacyBudget: {self._budget_text()}, delta={self.delta:g} ({self.accountant}); noise multiplier "
             f"{sigma:.4g}, sample rate {q:.4g}; {self._ledger.steps} steps spent, the budget allows "
@@ -336,24 +375,40 @@ class PrivacyBudget(Callback):
         if trainer._logger_connector.should_update_logs:
             self._log(pl_module)
 
+    def _spend_table(self) -> SpendTable:
+        """The plan's table of epsilon and risk by step, built on first use after each plan: the
+        logged figures come from it, never from an accountant query per step."""
+        if self._table is None:
+            assert self._planned_for is not None
+            sigma, q = self._planned_for
+            base = self._plan_base
+            steps = 0 if math.isinf(sigma) else max(int(min(self._allowed_steps or 0, self._planned_end)) - base.steps, 0)
+            self._table = SpendTable.build(
+                base, sigma, q, steps, self.delta, self.accountant, sorted({0.001, 0.01, *self.max_tpr_at_fpr}),
+                self.kappa, risk=self.log_risk,
+            )
+        return self._table
+
     def _log(self, pl_module: pl.LightningModule) -> None:
         strategy = self._strategy
-        assert strategy is not None and strategy.noise_multiplier is not None
+        assert strategy is not None and strategy.noise_multiplier is not None and self._planned_for is not None
+        table, k = self._spend_table(), self._ledger.steps - self._plan_base.steps
+        # The plan's last step is logged with the accountant's own figure (the stop computed it),
+        # so the curve ends on what the report says.
         metrics = {
-            "dp/epsilon": self.epsilon_spent,
+            "dp/epsilon": table.epsilon(k) if k < table.steps else self.epsilon_spent,
             "dp/noise_multiplier": strategy.noise_multiplier,
-            "dp/sample_rate": strategy.sample_rate,
+            "dp/sample_rate": self._planned_for[1],
             "dp/steps": float(self._ledger.steps),
             "dp/delta": self.delta,
         }
-        # Memoised per ledger: a logging step costs one PLD composition (measured in
-        # tests/test_risk.py: ~0.4 s at 14,000 steps of q=0.004, milliseconds for small runs).
-        risk = self.risk
-        metrics["dp/risk/advantage"] = risk.advantage
-        for fpr, tpr in risk.tpr_at_fpr.items():
-            metrics[f"dp/risk/tpr_at_fpr_{fpr:g}"] = tpr
-        if risk.reconstruction is not None:
-            metrics["dp/risk/reconstruction"] = risk.reconstruction
+        risk = table.risk(k) if self.log_risk else None
+        if risk is not None:
+            metrics["dp/risk/advantage"] = risk.advantage
+            for fpr, tpr in risk.tpr_at_fpr.items():
+                metrics[f"dp/risk/tpr_at_fpr_{fpr:g}"] = tpr
+            if risk.reconstruction is not None:
+                metrics["dp/risk/reconstruction"] = risk.reconstruction
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "dp/epsilon", batch_size=1)
 
@@ -449,6 +504,7 @@ class PrivacyBudget(Callback):
             "noise_multiplier": self.noise_multiplier,
             # For `python -m lightning_dp report CHECKPOINT`: the facts behind the guarantee.
             "safety_checks": safety_checks(self._strategy) if self._strategy is not None else None,
+            "ledger_verified": self.ledger_verified,
         }
         # Each field with a digest of its value and the run's identity: an edited ledger is
         # refused on resume (lightning_dp.integrity).
@@ -457,26 +513,33 @@ class PrivacyBudget(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "history" not in state_dict:
             raise ValueError("This PrivacyBudget state has no 'history': it was not written by PrivacyBudget.")
-        if "digests" not in state_dict and "version" not in state_dict and not os.environ.get(KEY_VARIABLE):
-            rank_zero_warn(
-                "PrivacyBudget: this checkpoint's ledger was written before ledgers carried digests (lightning-dp "
-                "0.1), so its integrity cannot be verified; it is resumed as it is. Set "
-                f"{KEY_VARIABLE} to refuse unsigned ledgers."
+        if _is_legacy(state_dict) and not os.environ.get(KEY_VARIABLE):
+            self._accept_unverified(
+                "was written before ledgers carried digests (lightning-dp 0.1), or had its digests removed"
             )
         else:
-            bad = unverified_fields(state_dict, required=_SEALED_FIELDS)
-            if bad:
-                raise ValueError(
-                    f"The checkpoint's PrivacyBudget ledger does not verify: field(s) {', '.join(map(repr, bad))} "
-                    "do not match the digest written with them (edited after the run saved them, copied from "
-                    f"another run, or signed with another {KEY_VARIABLE}). Resuming would report a spend that is "
-                    "not the one the run made, so it is refused. Resume from an unmodified checkpoint."
-                )
+            _verify_fields(state_dict)
             self.run_id = str(state_dict["run_id"])
+            if state_dict.get("ledger_verified") is False:
+                self.ledger_verified = False  # an unverified ledger stays unverified across resumes
         loaded = PrivacyHistory()
         loaded.load_state_dict(state_dict["history"])
         self._absorb(loaded, source="the checkpoint")
         self._adopt_targets(state_dict)
+
+    def _accept_unverified(self, why: str) -> None:
+        if not self.allow_unverified_ledger:
+            raise ValueError(
+                f"The checkpoint's PrivacyBudget ledger {why}, so its integrity cannot be verified: an edited "
+                "ledger would report less than the run spent. To resume it anyway, pass "
+                "PrivacyBudget(allow_unverified_ledger=True); the run's report then says that its ledger is "
+                "unverified."
+            )
+        rank_zero_warn(
+            f"PrivacyBudget: the checkpoint's ledger {why}; resumed as it is (allow_unverified_ledger=True). The "
+            "privacy report marks the ledger unverified."
+        )
+        self.ledger_verified = False
 
     def _adopt_targets(self, state: dict[str, Any]) -> None:
         """Enforce the checkpoint's risk targets too (the stricter of each pair): a resume
@@ -528,6 +591,26 @@ class PrivacyBudget(Callback):
                 "without PrivacyBudget), so no epsilon can be claimed for this model. Resume only checkpoints "
                 "written under PrivacyBudget, or start from weights that never saw the private data."
             )
+        self.verify_binding(checkpoint)
+
+    def verify_binding(self, checkpoint: Mapping[str, Any]) -> None:
+        """Refuse (or with ``allow_unverified_ledger``, accept marked unverified) a checkpoint whose
+        ledger was not written with its weights and step (:func:`lightning_dp.integrity.bind`)."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None and not _is_legacy(state):
+            _verify_fields(state)  # the more precise finding first: which field was edited
+            if not binding_verifies(state, int(checkpoint.get("global_step", 0)), checkpoint.get("state_dict", {})):
+                self._accept_unverified(
+                    "is not the one written with this checkpoint ('binding': the ledger, the checkpoint's step and "
+                    "its weights do not match; a ledger copied from another run's checkpoint, or weights or step "
+                    "changed after saving)"
+                )
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None and "digests" in state:
+            # Tie the ledger to this checkpoint's step and weights (lightning_dp.integrity.bind).
+            state["binding"] = bind(state, int(checkpoint.get("global_step", 0)), checkpoint.get("state_dict", {}))
 
     def _absorb(self, other: PrivacyHistory, source: str) -> None:
         """Merge another ledger into this one without ever forgetting a step."""

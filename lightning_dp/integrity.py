@@ -5,13 +5,19 @@ noise multiplier, a smaller sample rate, fewer steps), it would resume and repor
 was spent. Each field of a saved budget state is therefore stored with a digest of its value
 and of the run's identity, and a resume that does not verify is refused, naming the field.
 
-What this catches: any edit of the state by a tool or person who does not recompute the
-digests (and copying one run's ledger into another run's checkpoint, since the run's identity
-is part of each digest). By default the digest is a plain SHA-256, which anyone who knows this
-format can recompute; setting the environment variable ``LIGHTNING_DP_LEDGER_KEY`` makes it an
-HMAC-SHA256 under that secret, which only holders of the key can produce, and with the key set
-a state that is not signed with it is refused. For a record that a run's owner cannot rewrite
-at all, keep the dataset's spend off the checkpoint, in a :class:`~lightning_dp.PrivacyLedger`.
+When a checkpoint is written, the state is also *bound* to it (:func:`bind`): a digest of the
+state's digests, the checkpoint's global step and a hash of every tensor of its weights. So a
+ledger copied whole from another run's checkpoint (with that run's identity and digests) does
+not verify next to these weights.
+
+What this catches: any edit of the state, or move of a state between checkpoints, by a tool or
+person who does not recompute the digests. By default the digests are plain SHA-256, which
+anyone who knows this format can recompute; setting the environment variable
+``LIGHTNING_DP_LEDGER_KEY`` makes them HMAC-SHA256 under that secret, which only holders of the
+key can produce, and with the key set a state that is not signed with it is refused. What no
+digest can catch: deleting the ledger together with the record that training happened (a
+model's weights can always be reloaded by hand). For a record that a run's owner cannot rewrite
+at all, keep the dataset's spend off the checkpoint, in a dataset ledger.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["KEY_VARIABLE", "seal", "unverified_fields"]
+__all__ = ["KEY_VARIABLE", "bind", "binding_verifies", "fingerprint", "seal", "unverified_fields"]
 
 #: The environment variable holding the secret key for HMAC digests (optional).
 KEY_VARIABLE = "LIGHTNING_DP_LEDGER_KEY"
@@ -80,3 +86,35 @@ def unverified_fields(state: Mapping[str, Any], required: Iterable[str] = ()) ->
            if name not in state or not hmac.compare_digest(str(digest), _digest(run_id, name, state[name], key))}
     bad |= {name for name in required if name not in digests}
     return sorted(bad)
+
+
+def fingerprint(tensors: Mapping[str, Any]) -> str:
+    """A hash of every tensor in ``tensors`` (a model's ``state_dict``): names, dtypes, shapes
+    and bytes."""
+    import torch
+
+    digest = hashlib.blake2b(digest_size=32)
+    for name in sorted(tensors):
+        value = tensors[name]
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(_canonical(value))
+    return digest.hexdigest()
+
+
+def bind(state: Mapping[str, Any], global_step: int, weights: Mapping[str, Any]) -> str:
+    """The digest that ties a sealed state to one checkpoint: its digests, the checkpoint's
+    ``global_step`` and the :func:`fingerprint` of its weights."""
+    message = _canonical([state.get("run_id"), state.get("digests"), int(global_step), fingerprint(weights)])
+    key = _key()
+    return hashlib.sha256(message).hexdigest() if key is None else hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def binding_verifies(state: Mapping[str, Any], global_step: int, weights: Mapping[str, Any]) -> bool:
+    """Whether ``state``'s ``binding`` is the one :func:`bind` gives for this checkpoint."""
+    binding = state.get("binding")
+    return isinstance(binding, str) and hmac.compare_digest(binding, bind(state, global_step, weights))

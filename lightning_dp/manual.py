@@ -30,7 +30,11 @@ optimizer's step the DP-SGD release and nothing else:
   the noise-only private step and the generator's steps happen as on any draw.
 * **Check.** With ``check_per_sample_grads``, on the first draw of two or more examples the
   batched gradients are compared with one backward pass per entry, and entries are checked not
-  to depend on other examples' floating-point inputs (BatchNorm-like cross-talk).
+  to depend on other examples' floating-point inputs (BatchNorm-like cross-talk). The check sees
+  that dependence only through gradients: an entry reading other examples through detached
+  statistics (``x - x.mean(0).detach()``), integer labels (``bincount``) or ``argmax`` passes
+  it. (The automatic path compares against one-example passes and sees those too; here the
+  training step steps optimizers, so it cannot be rerun on fewer examples.)
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from lightning_dp.grads.check import RTOL, PerSampleGradientMismatch
 from lightning_dp.grads.engine import Materialized
-from lightning_dp.sampling import PoissonBatch, collate_examples
+from lightning_dp.sampling import PoissonBatch
 
 if TYPE_CHECKING:
     from lightning_dp.strategy import _PrivateTraining
@@ -138,7 +142,6 @@ class _ManualPrivacy:
             since ``PrivacyBudget`` may calibrate or swap them).
         optimizers: the Trainer's optimizers, in ``configure_optimizers`` order.
         private_indices: which of them are private (``None``: all).
-        empty_batch: the batch ``training_step`` receives on an empty draw.
         check: run the first-draw check.
     """
 
@@ -147,7 +150,6 @@ class _ManualPrivacy:
         strategy: _PrivateTraining,
         optimizers: Sequence[torch.optim.Optimizer],
         private_indices: Optional[Sequence[int]],
-        empty_batch: Any,
         check: bool,
     ) -> None:
         if not optimizers:
@@ -171,19 +173,18 @@ class _ManualPrivacy:
                     "move private parameters outside the DP mechanism. Give each parameter to one optimizer, "
                     f"or mark optimizer {i} private in DPStrategy(private_optimizers=[...])."
                 )
-        self.empty_batch = empty_batch
         self._to_verify = check
         self._draw: Optional[_Draw] = None
 
     # ------------------------------------------------------------------ a draw
-    def training_step(self, batch: PoissonBatch, run: Callable[[Any], Any]) -> Any:
-        """Run the user's ``training_step`` (through ``run``) on one Poisson draw."""
-        if len(batch.chunks) > 1:
+    def training_step(self, poisson: PoissonBatch, batch: Any, run: Callable[[Any], Any]) -> Any:
+        """Run the user's ``training_step`` (through ``run``) on one Poisson draw: ``batch`` is
+        the whole draw on the device (an empty batch of the usual structure for an empty draw)."""
+        if poisson.split:
             raise RuntimeError("Manual optimization takes each Poisson draw as one batch; it came in chunks.")
-        data = batch.chunks[0] if batch.chunks else self.empty_batch
-        data, leaves = _as_graph_leaves(data)
+        data, leaves = _as_graph_leaves(batch)
         taint = _BatchTaint(data)
-        draw = self._draw = _Draw(batch, leaves, taint)
+        draw = self._draw = _Draw(poisson, leaves, taint)
         try:
             with taint:
                 output = run(data)
@@ -401,39 +402,6 @@ def _as_graph_leaves(batch: Any) -> tuple[Any, list[Tensor]]:
         return leaf.clone()
 
     return _map_tensors(batch, mark), leaves
-
-
-def _empty_batch_like(dataloader: Any, to_device: Callable[[Any], Any]) -> Any:
-    """A batch of zero examples with the structure of the loader's batches: its first example
-    collated, every tensor sliced to length 0 and every list of per-example values emptied.
-    Nothing of the example remains, only the shapes of its fields (which are public)."""
-    one = collate_examples(dataloader, [dataloader.dataset[0]])
-
-    def empty(value: Any, path: str) -> Any:
-        if isinstance(value, Tensor):
-            if value.ndim == 0:
-                raise TypeError(
-                    f"The collated batch holds a 0-dimensional tensor at {path}: DPStrategy cannot tell its batch "
-                    "dimension to build the empty batch an empty Poisson draw needs. Make every tensor of a batch "
-                    "have the examples along dimension 0."
-                )
-            return value[:0]
-        if isinstance(value, Mapping):
-            return type(value)({k: empty(v, f"{path}[{k!r}]") for k, v in value.items()})  # type: ignore[call-arg]
-        if isinstance(value, (list, tuple)):
-            if not hasattr(value, "_fields") and all(isinstance(v, (str, bytes, int, float, bool)) for v in value):
-                return type(value)()  # one value per example, as default_collate gives strings
-            items = [empty(v, f"{path}[{i}]") for i, v in enumerate(value)]
-            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-        if value is None:
-            return None
-        raise TypeError(
-            f"The collated batch holds a {type(value).__name__} at {path}: DPStrategy cannot build from it the "
-            "empty batch an empty Poisson draw needs (training_step runs on empty draws too). Return tensors, "
-            "lists, tuples and dicts from the collate_fn."
-        )
-
-    return to_device(empty(one, "batch"))
 
 
 def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:

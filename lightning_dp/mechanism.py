@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_dp.grads.engine import Materialized, PerExampleGrads
+from lightning_dp.grads.engine import Materialized, PerExampleGrads, clipping_sq_norms
 from lightning_dp.streams import RandomStreams
 
 
@@ -74,18 +74,15 @@ class GaussianMechanism:
             grads = Materialized(list(grads), present[0].shape[0] if present else 0)
         if grads.batch_size == 0:
             return torch.zeros(0)
-        sq = grads.sq_norms()
-        bad: Optional[Tensor] = None
-        if not bool(torch.isfinite(sq).all()):
-            sq = grads.sq_norms(torch.float64)  # float32 overflowed on a huge but finite gradient?
-            bad = ~torch.isfinite(sq)
-            if bool(bad.any()):
-                grads.drop(bad)
-                self.dropped += int(bad.sum())
-                sq = torch.where(bad, torch.zeros((), dtype=sq.dtype, device=sq.device), sq)
-            else:
-                bad = None
-        norms = sq.sqrt()
+        sq = clipping_sq_norms(grads)
+        bad: Optional[Tensor] = ~torch.isfinite(sq)
+        if bool(bad.any()):
+            grads.drop(bad)
+            self.dropped += int(bad.sum())
+            sq = torch.where(bad, torch.zeros((), dtype=sq.dtype, device=sq.device), sq)
+        else:
+            bad = None
+        norms = sq.clamp(min=0.0).sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         if bad is not None:
             factor = torch.where(bad, torch.zeros((), dtype=factor.dtype, device=factor.device), factor)
@@ -94,7 +91,7 @@ class GaussianMechanism:
             if clipped is not None:
                 self._sums[i] = clipped if self._sums[i] is None else self._sums[i] + clipped
         self.examples_seen += grads.batch_size
-        return norms
+        return norms.float()
 
     @torch.no_grad()
     def release(

@@ -62,9 +62,10 @@ def safety_checks(strategy: _PrivateTraining) -> dict[str, Any]:
         "poisson_sampling": poisson,
         "secure_mode": bool(strategy.secure_mode),
         "per_sample_gradient_check": None if check is None else dict(check),
-        # Examples whose gradient was not finite (NaN or inf in their data or loss) and that
-        # contributed nothing; the count is not privatised: it is for the data's owner.
-        "non_finite_examples_dropped": int(getattr(strategy, "non_finite_examples_total", 0)),
+        # Whether any example's gradient was not finite (NaN or inf in its data or loss) so that it
+        # contributed nothing. Only whether: the count is a statistic of the private data (the
+        # training log's warning gives it to the data's owner).
+        "non_finite_examples_dropped": bool(getattr(strategy, "non_finite_examples_total", 0)),
         "passed": bool(poisson and verified),
     }
 
@@ -123,6 +124,7 @@ def build_report(
         "audit": None if audit is None else audit.to_dict(),
         "safety_checks": checks,
         "stopped_reason": budget.stopped_reason,
+        "ledger_verified": budget.ledger_verified,
         "versions": _versions(),
     }
     return _finite(report)
@@ -189,9 +191,10 @@ def print_report(report: dict[str, Any], console: Optional[Any] = None) -> None:
         verdict = "passed" if checks["passed"] else "NOT passed"
         status = f"{verdict} (Poisson sampling: {checks['poisson_sampling']}; {detail})"
     table.add_row("safety checks", status)
-    dropped = (checks or {}).get("non_finite_examples_dropped")
-    if dropped:
-        table.add_row("examples dropped", f"{dropped} with a non-finite gradient (contributed nothing)")
+    if (checks or {}).get("non_finite_examples_dropped"):
+        table.add_row("examples dropped", "some had a non-finite gradient and contributed nothing (see the log)")
+    if report.get("ledger_verified") is False:
+        table.add_row("ledger", "UNVERIFIED: resumed from a checkpoint whose ledger could not be verified")
     (console or Console()).print(table)
 
 

@@ -6,19 +6,24 @@ size is a different mechanism, so :func:`poisson_dataloader` rebuilds the user's
 around a :class:`PoissonBatchSampler` and keeps everything else the user chose (dataset,
 ``collate_fn``, workers, pinning, generator).
 
-Each draw is yielded as a :class:`PoissonBatch`: the sampled examples already split into
-physical chunks of at most ``max_physical_batch_size`` and collated by the user's
-``collate_fn``. Carrying the exact example count lets the strategy (a) skip
-``training_step`` on an empty draw while still taking the noise-only step the analysis
-accounts for, (b) verify that per-sample gradients have one row per example, and (c) refuse
-any training batch that did not come from this sampler.
+Each draw is collated (in the loader's workers) into a :class:`PoissonBatch`: the whole draw
+in the user's own format (what their ``collate_fn`` makes of it), and, when it is larger than
+``max_physical_batch_size``, physical chunks collated separately. The loader
+(:class:`PoissonDataLoader`) yields the whole draw, so every Lightning hook and callback that
+reads the batch sees what it would see without DP, and keeps the draws, in order, for the
+strategy: their exact example counts let it (a) skip ``training_step`` on an empty draw while
+still taking the noise-only step the analysis accounts for, (b) verify that per-sample
+gradients have one row per example, and (c) refuse any training batch that did not come from
+this sampler.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -33,21 +38,26 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["PoissonBatch", "PoissonBatchSampler", "poisson_dataloader"]
+__all__ = ["PoissonBatch", "PoissonBatchSampler", "PoissonDataLoader", "empty_batch", "poisson_dataloader"]
 
 
 @dataclass(frozen=True)
 class PoissonBatch:
-    """One Poisson draw, split into physical chunks.
+    """One Poisson draw, whole and in physical chunks.
 
     Attributes:
-        chunks: the sampled examples, each chunk collated by the user's ``collate_fn``.
+        whole: the draw collated by the user's ``collate_fn`` (for an empty draw: an empty batch
+            of the usual structure, or ``None`` when none can be built).
+        chunks: the batches to compute on: ``(whole,)`` when the draw fits one physical batch,
+            else the draw split into chunks of at most ``max_physical_batch_size`` examples,
+            each collated separately; ``()`` for an empty draw.
         sizes: number of examples in each chunk (``len(sizes) == len(chunks)``).
         sample_rate: the rate ``q`` each example was drawn with.
         expected_size: the expected number of examples per draw, ``q * N``; the DP-SGD
             update is divided by this, never by the realised size (which is private).
     """
 
+    whole: Any
     chunks: tuple[Any, ...]
     sizes: tuple[int, ...]
     sample_rate: float
@@ -57,6 +67,11 @@ class PoissonBatch:
     def size(self) -> int:
         """Number of examples drawn (may be 0)."""
         return sum(self.sizes)
+
+    @property
+    def split(self) -> bool:
+        """Whether the draw came in several chunks (else its one chunk, if any, is :attr:`whole`)."""
+        return len(self.chunks) > 1
 
     def __len__(self) -> int:
         return self.size
@@ -122,7 +137,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
 
 class _PoissonCollate:
-    """Collates a Poisson draw into a :class:`PoissonBatch` of physical chunks.
+    """Collates a Poisson draw into a :class:`PoissonBatch`.
 
     A top-level class (not a closure) so loaders with worker processes can pickle it.
     """
@@ -133,22 +148,113 @@ class _PoissonCollate:
         max_physical_batch_size: Optional[int],
         sample_rate: float,
         expected_size: float,
+        empty: Any = None,
     ) -> None:
         self.collate_fn = collate_fn
         self.max_physical_batch_size = max_physical_batch_size
         self.sample_rate = sample_rate
         self.expected_size = expected_size
+        self.empty = empty
 
     def __call__(self, samples: Sequence[Any]) -> PoissonBatch:
         samples = list(samples)
-        k = self.max_physical_batch_size or max(len(samples), 1)
+        if not samples:
+            return PoissonBatch(self.empty, (), (), self.sample_rate, self.expected_size)
+        whole = self.collate_fn(samples)
+        k = self.max_physical_batch_size
+        if k is None or len(samples) <= k:
+            return PoissonBatch(whole, (whole,), (len(samples),), self.sample_rate, self.expected_size)
         groups = [samples[i : i + k] for i in range(0, len(samples), k)]
         return PoissonBatch(
+            whole=whole,
             chunks=tuple(self.collate_fn(g) for g in groups),
             sizes=tuple(len(g) for g in groups),
             sample_rate=self.sample_rate,
             expected_size=self.expected_size,
         )
+
+
+class PoissonDataLoader(DataLoader):
+    """The training loader DP training replaces the user's with: batches are Poisson draws.
+
+    Iterating yields each draw in the user's own format (:attr:`PoissonBatch.whole`), so hooks
+    and callbacks see the batch they expect, and appends the :class:`PoissonBatch` to
+    :attr:`draws`, in the order the batches are yielded (Lightning fetches one batch ahead),
+    for the strategy to take when that batch trains. A new iteration (epoch) starts with no
+    pending draws: a draw fetched but never trained was never used.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.draws: deque[PoissonBatch] = deque()
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self.draws.clear()
+        return _Whole(super().__iter__(), self.draws)
+
+
+class _Whole:
+    def __init__(self, iterator: Iterator[PoissonBatch], draws: deque[PoissonBatch]) -> None:
+        self._iterator = iterator
+        self._draws = draws
+
+    def __iter__(self) -> _Whole:
+        return self
+
+    def __next__(self) -> Any:
+        draw = next(self._iterator)
+        self._draws.append(draw)
+        return draw.whole
+
+    def __len__(self) -> int:
+        return len(self._iterator)  # type: ignore[arg-type]
+
+
+def empty_batch(collate_fn: Callable[[list[Any]], Any], example: Any) -> Any:
+    """A batch of zero examples with the structure of ``collate_fn``'s batches: the user's
+    ``collate_fn([])`` when it accepts an empty list, else ``example`` collated alone with every
+    tensor sliced to length 0 and every list of per-example values emptied (only the shapes of its
+    fields remain).
+
+    Raises:
+        TypeError: for a batch holding something other than tensors, lists, tuples, dicts and
+            ``None`` (no empty version of it can be built).
+    """
+    try:
+        return collate_fn([])
+    except Exception:
+        pass
+    return _emptied(collate_fn([example]), "batch")
+
+
+def _emptied(value: Any, path: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0:
+            raise TypeError(
+                f"The collated batch holds a 0-dimensional tensor at {path}: the empty batch of an empty "
+                "Poisson draw cannot be built from it. Make every tensor of a batch have the examples along "
+                "dimension 0."
+            )
+        return value[:0]
+    if isinstance(value, Mapping):
+        return type(value)({k: _emptied(v, f"{path}[{k!r}]") for k, v in value.items()})  # type: ignore[call-arg]
+    if isinstance(value, (list, tuple)):
+        if not hasattr(value, "_fields") and all(isinstance(v, (str, bytes, int, float, bool)) for v in value):
+            return type(value)()  # one value per example, as default_collate gives strings
+        items = [_emptied(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _emptied(getattr(value, f.name), f"{path}.{f.name}") for f in dataclasses.fields(value)
+                  if f.init}
+        return dataclasses.replace(value, **fields)
+    if value is None:
+        return None
+    raise TypeError(
+        f"The collated batch holds a {type(value).__name__} at {path}: the empty batch of an empty Poisson "
+        "draw cannot be built from it. Return tensors, lists, tuples, dicts and dataclasses from the collate_fn, "
+        "or make "
+        "collate_fn([]) return an empty batch."
+    )
 
 
 def poisson_dataloader(
@@ -158,7 +264,7 @@ def poisson_dataloader(
     rank: int = 0,
     world_size: int = 1,
     generator: Optional[torch.Generator] = None,
-) -> DataLoader:
+) -> PoissonDataLoader:
     """Rebuild ``dataloader`` so each batch is a Poisson sample of its dataset.
 
     The sampling rate is ``q = world_size * batch_size / len(dataset)`` and an epoch has
@@ -228,11 +334,17 @@ def poisson_dataloader(
         secure_mode=secure_mode,
         indices=shard if world_size > 1 else None,
     )
+    user_collate = dataloader.collate_fn or default_collate
+    try:
+        empty: Any = empty_batch(user_collate, dataset[0])
+    except Exception:
+        empty = None  # hooks then see None on an empty draw (manual optimization refuses it)
     collate = _PoissonCollate(
-        dataloader.collate_fn or default_collate,
+        user_collate,
         max_physical_batch_size,
         sample_rate,
         expected_size=float(world_size * batch_size),  # q * N: the global expected batch
+        empty=empty,
     )
     extra: dict[str, Any] = {}
     if dataloader.num_workers > 0:
@@ -240,7 +352,7 @@ def poisson_dataloader(
         extra["persistent_workers"] = dataloader.persistent_workers
     if getattr(dataloader, "in_order", True) is False:
         extra["in_order"] = False
-    return DataLoader(
+    return PoissonDataLoader(
         dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate,
@@ -271,5 +383,5 @@ def collate_examples(dataloader: DataLoader, examples: Sequence[Any]) -> Any:
 
 
 def is_poisson_dataloader(dataloader: object) -> bool:
-    return isinstance(dataloader, DataLoader) and isinstance(dataloader.collate_fn, _PoissonCollate)
+    return isinstance(dataloader, PoissonDataLoader) and isinstance(dataloader.collate_fn, _PoissonCollate)
 

@@ -20,7 +20,7 @@ import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, NamedTuple, Optional, Union
 
 import lightning.pytorch as pl
@@ -32,20 +32,26 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torch.utils._pytree import tree_flatten
 
 from lightning_dp.accounting import PrivacyHistory
 from lightning_dp.grads import PerSampleGradientMismatch, check_per_sample_grads, make_engine
-from lightning_dp.grads.check import no_dropout, reference_grads
-from lightning_dp.grads.engine import ENGINES, LossReduction, PerSampleGradEngine, param_names, silenced_logging
-from lightning_dp.manual import _ManualPrivacy, _empty_batch_like
+from lightning_dp.grads.check import RTOL, LossNotPerExample, Reference, no_dropout, reference_grads
+from lightning_dp.grads.engine import (
+    ENGINES,
+    LossReduction,
+    PerSampleGradEngine,
+    metrics_kept,
+    param_names,
+    silenced_logging,
+)
+from lightning_dp.manual import _ManualPrivacy
 from lightning_dp.mechanism import GaussianMechanism
 from lightning_dp.modules import UnsupportedModuleError, replace_batch_norm, unsupported_layers
 from lightning_dp.streams import RandomStreams
 from lightning_dp.sampling import (
     PoissonBatch,
     collate_examples,
-    fetch_examples,
+    empty_batch,
     is_poisson_dataloader,
     poisson_dataloader,
 )
@@ -67,16 +73,37 @@ _CHECK_TRIES = 8
 _SLOW_ENGINES = ("functorch", "loop")
 
 
+#: A spot check runs at about one step in this many, on this many fresh examples.
+_SPOT_CHECK_EVERY = 64
+_SPOT_CHECK_EXAMPLES = 4
+
+
 class _CheckExamples(NamedTuple):
     n: int
     batch_of: Callable[[Any], Any]
     step: Callable[[Any], tuple[Any, Tensor]]
+    least: int  # examples with a finite loss needed
 
 
-def _all_finite(example: Any) -> bool:
-    return all(
-        bool(torch.isfinite(t).all()) for t in tree_flatten(example)[0] if isinstance(t, Tensor) and t.is_floating_point()
-    )
+@contextmanager
+def _buffers_unchanged(module: nn.Module) -> Iterator[None]:
+    """Refuse a model whose floating-point buffers ``training_step`` changes: a buffer updated from
+    the data in the forward pass (running statistics) is part of the model and would be released
+    without clipping or noise."""
+    before = {name: b.detach().clone() for name, b in module.named_buffers() if b.is_floating_point()}
+    yield
+    changed = [name for name, b in module.named_buffers() if name in before and not torch.equal(before[name], b)]
+    if changed:
+        raise LossNotPerExample(
+            f"training_step changes the floating-point buffer(s) {', '.join(changed[:5])}: a buffer updated from "
+            "the training data in the forward pass (running statistics, an exponential moving average of "
+            "activations) is released with the model without clipping or noise. Compute such statistics outside "
+            "the private training step, or from public data."
+        )
+
+
+def _cuda_devices(module: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
 
 
 class _PrivateTraining:
@@ -143,6 +170,7 @@ class _PrivateTraining:
         self.train_dataloader: Optional[DataLoader] = None
         self._mechanism: Optional[GaussianMechanism] = None
         self._pending: Optional[PoissonBatch] = None
+        self.last_draw: Optional[PoissonBatch] = None
         self._dp_fitting = False
         #: The random streams (sampling, noise, the check's examples) of the current fit.
         self._streams: Optional[RandomStreams] = None
@@ -295,8 +323,14 @@ class _PrivateTraining:
             # reloads while the Trainer's stage still says TRAINING (scale_batch_size does).
             return dataloader
         if is_poisson_dataloader(dataloader):
-            self.train_dataloader = dataloader  # type: ignore[assignment]
-            return dataloader
+            if dataloader is self.train_dataloader:
+                return dataloader  # this fit's own loader, handed back
+            raise TypeError(
+                "The training DataLoader is already Poisson-sampled (built with lightning_dp.sampling."
+                f"poisson_dataloader): {type(self).__name__} Poisson-samples the training loader itself, with this "
+                "fit's random streams and, across processes, each process's shard. Pass the plain "
+                "DataLoader(dataset, batch_size=B)."
+            )
         if not isinstance(dataloader, DataLoader):
             raise TypeError(
                 f"DP training needs a torch DataLoader to Poisson-sample, got {type(dataloader).__name__}."
@@ -324,17 +358,29 @@ class _PrivateTraining:
             raise RuntimeError("The training loader has not been set up yet.")
         return self.train_dataloader.batch_sampler.sample_rate  # type: ignore[union-attr]
 
-    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        if not isinstance(batch, PoissonBatch):
-            return super().batch_to_device(batch, device, dataloader_idx)
-        # The user's transfer hooks expect their own batch format: apply them per chunk.
+    def _next_draw(self) -> PoissonBatch:
+        """The Poisson draw of the batch about to train: the oldest one the training loader
+        yielded and no step has taken yet."""
+        loader = self.train_dataloader
+        draws = getattr(loader, "draws", None)
+        if not draws:
+            raise RuntimeError(
+                f"{type(self).__name__} received a training batch that was not Poisson-sampled; the privacy "
+                "guarantee would not hold. Batches must come from the training DataLoader that "
+                f"{type(self).__name__}.process_dataloader prepared."
+            )
+        return draws.popleft()
+
+    def _chunks_on_device(self, draw: PoissonBatch, batch: Any, dataloader_idx: int = 0) -> list[Any]:
+        """The physical batches of ``draw`` on the device. A draw that fits one physical batch is
+        the batch Lightning already moved (the user's transfer hooks ran on it once); the chunks of
+        a larger one each go through the user's hooks as a batch of their own."""
+        if not draw.split:
+            return [batch] if draw.size else []
+        module = self.lightning_module
+        assert module is not None
         to_device = super().batch_to_device  # type: ignore[misc]
-        return PoissonBatch(
-            chunks=tuple(to_device(c, device, dataloader_idx) for c in batch.chunks),
-            sizes=batch.sizes,
-            sample_rate=batch.sample_rate,
-            expected_size=batch.expected_size,
-        )
+        return [to_device(module._on_before_batch_transfer(c, dataloader_idx), None, dataloader_idx) for c in draw.chunks]
 
     # ------------------------------------------------------------------ the step
     def on_train_start(self) -> None:
@@ -378,14 +424,13 @@ class _PrivateTraining:
                 "DPStrategy(check_per_sample_grads=False): the per-example gradients of the private loss are not "
                 "checked against one backward pass per example, nor for cross-talk between examples."
             )
-        to_device = super().batch_to_device  # type: ignore[misc]
+        if loader.collate_fn.empty is None:  # type: ignore[union-attr]
+            # training_step runs on empty draws too under manual optimization: say why none can be built.
+            empty_batch(loader.collate_fn.collate_fn, loader.dataset[0])  # type: ignore[union-attr]
         # The manual path checks on its first draw of two or more examples (raising on a mismatch)
         # and records it here then: until that draw, nothing is verified.
         self.grad_check = {"engine": "manual", "verified": False, "examples": 0}
-        self._manual = _ManualPrivacy(
-            self, trainer.optimizers, self.private_optimizers, _empty_batch_like(loader, to_device),
-            self.check_per_sample_grads,
-        )
+        self._manual = _ManualPrivacy(self, trainer.optimizers, self.private_optimizers, self.check_per_sample_grads)
 
     def _choose_engine(self) -> None:
         """Attach the engine to train with: the one named, or with ``"auto"`` the first whose
@@ -397,15 +442,13 @@ class _PrivateTraining:
         self.engine = None
         self.grad_check = None
         params = _trainable(module)
-        examples = self._check_examples() if self.check_per_sample_grads else None
+        examples = self._check_examples(_CHECK_EXAMPLES) if self.check_per_sample_grads else None
         reference = None
         if examples is not None:
             # The user's loss with plain autograd, once for every engine tried: a loss that is not
             # per example is refused here, whatever the engine (LossNotPerExample).
-            with _train_mode(module), silenced_logging(module), no_dropout(module):
-                reference = reference_grads(
-                    params, examples.batch_of, examples.step, examples.n, self.loss_reduction, param_names(module)
-                )
+            with self._check_context(module):
+                reference = self._reference(examples)
         rejected: dict[str, str] = {}
         for name in ENGINES if self.engine_name == "auto" else (self.engine_name,):
             try:
@@ -419,7 +462,7 @@ class _PrivateTraining:
                 continue
             try:
                 engine.attach(module)
-                verified = self._check(engine, examples, reference) if examples is not None else "not verified"
+                verified = self._check(engine, examples, reference) if examples is not None else "NOT verified"
             except PerSampleGradientMismatch as err:
                 engine.detach()
                 if self.engine_name != "auto":
@@ -433,7 +476,8 @@ class _PrivateTraining:
                 rejected[name] = f"failed while checking it: {type(err).__name__}: {err}"
                 continue
             self.engine = engine
-            self.grad_check = {"engine": name, "verified": self.check_per_sample_grads, **(self.grad_check or {})}
+            self.grad_check = {"engine": name, "verified": examples is not None, "spot_checks": 0,
+                               **(self.grad_check or {})}
             self._engine_params = frozenset(params)
             passed_over = "".join(f"\n  - '{n}' passed over: {why}" for n, why in rejected.items())
             rank_zero_info(f"{type(self).__name__}: per-sample gradients by the '{name}' engine ({verified}).{passed_over}")
@@ -449,29 +493,22 @@ class _PrivateTraining:
             + "\n".join(f"  - '{n}': {why}" for n, why in rejected.items())
         )
 
-    def _check_examples(self) -> Optional[_CheckExamples]:
-        """Up to ``_CHECK_EXAMPLES`` real training examples for the check: one drawn at random
-        from each of as many equal slices of the training set (so a class-sorted dataset shows
-        the check different classes, not its first few look-alikes), skipping examples whose
-        data is not finite (those are dropped in training, see GaussianMechanism)."""
+    def _check_examples(self, count: int, batch_idx: int = 0) -> Optional[_CheckExamples]:
+        """Up to ``count`` real training examples for the check: one drawn at random from each of
+        as many equal slices of the training set (so a class-sorted dataset shows the check
+        different classes, not its first few look-alikes). ``training_step`` runs on them with
+        ``batch_idx``."""
         loader = self.train_dataloader
         if loader is None:
             return None
         dataset = loader.dataset
         size = len(dataset)  # type: ignore[arg-type]
-        n = min(_CHECK_EXAMPLES, size, self.max_physical_batch_size or _CHECK_EXAMPLES)
-        assert self._streams is not None
+        n = min(count, size, max(self.max_physical_batch_size or count, 2))
+        if self._streams is None:
+            raise RuntimeError(f"{type(self).__name__}: the training data was never loaded through process_dataloader.")
         generator = self._streams.check
         bounds = [size * k // n for k in range(n + 1)]
-        examples: list[Any] = []
-        for lo, hi in zip(bounds, bounds[1:]):
-            for index in (lo + torch.randperm(hi - lo, generator=generator)[:_CHECK_TRIES]).tolist():
-                example = dataset[index]
-                if _all_finite(example):
-                    examples.append(example)
-                    break
-        if not examples:
-            return None
+        examples = [dataset[lo + int(torch.randint(hi - lo, (1,), generator=generator))] for lo, hi in zip(bounds, bounds[1:])]
         plain_batch_to_device = super().batch_to_device  # type: ignore[misc]
 
         def batch_of(positions: Any) -> Any:
@@ -479,30 +516,93 @@ class _PrivateTraining:
             # the one-example passes the same tensors.
             return plain_batch_to_device(collate_examples(loader, [examples[i] for i in positions]))
 
-        return _CheckExamples(len(examples), batch_of, lambda b: self._run_training_step(b, 0))
+        # One example is enough only where training never puts two in one batch.
+        least = 1 if size == 1 or self.max_physical_batch_size == 1 else 2
+        return _CheckExamples(
+            len(examples), batch_of, lambda b: self._run_training_step(b, batch_idx, full_precision=True), least
+        )
 
-    def _check(self, engine: PerSampleGradEngine, examples: _CheckExamples, reference: Any) -> str:
+    def _check_context(self, module: nn.Module) -> Any:
+        """What every check pass runs under: training mode, no logging, metrics and buffers kept
+        (a buffer that the passes change is refused), dropout off, the RNG state put back."""
+        stack = ExitStack()
+        stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(module)))
+        stack.enter_context(_train_mode(module))
+        stack.enter_context(silenced_logging(module))
+        stack.enter_context(metrics_kept(module))
+        stack.enter_context(_buffers_unchanged(module))
+        stack.enter_context(no_dropout(module))
+        return stack
+
+    def _reference(self, examples: _CheckExamples) -> Reference:
+        module = self.lightning_module
+        return reference_grads(
+            _trainable(module), examples.batch_of, examples.step, examples.n, self.loss_reduction,
+            param_names(module), self._check_rtol(), examples.least,
+        )
+
+    def _check_rtol(self) -> float:
+        """The check's relative tolerance: float32 arithmetic's, unless parameters are 16-bit."""
+        module = self.lightning_module
+        low = any(p.dtype in (torch.float16, torch.bfloat16) for p in _trainable(module))
+        return 3e-2 if low else RTOL
+
+    def _check(self, engine: PerSampleGradEngine, examples: _CheckExamples, reference: Reference) -> str:
         module = self.lightning_module
         assert module is not None
         start = time.perf_counter()
-        with _train_mode(module), silenced_logging(module):
+        with self._check_context(module):
             worst = check_per_sample_grads(
                 engine, module, _trainable(module), examples.batch_of, examples.step, list(range(examples.n)),
-                self.loss_reduction, reference,
+                self.loss_reduction, reference, self._check_rtol(),
             )
-        self.grad_check = {"examples": examples.n, "worst_relative_error": float(worst),
-                           "cross_talk_checked": examples.n >= 2}
+        n = reference.n
+        self.grad_check = {"examples": n, "worst_relative_error": float(worst), "cross_talk_checked": n >= 2,
+                           "examples_skipped": reference.skipped}
         return (
-            f"verified on {examples.n} training examples drawn across the training set: per-example gradients match "
+            f"verified on {n} training examples drawn across the training set: per-example gradients match "
             f"one-example backward passes (largest relative error {worst:.1e}), the batch's loss is the "
             f"{self.loss_reduction} of the examples' own, and dropping an example moves no other's gradient; in "
             f"{time.perf_counter() - start:.2f} s"
         )
 
-    def _run_training_step(self, batch: Any, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
+    def _spot_check(self, batch_idx: int) -> None:
+        """At unpredictable steps (about one in ``_SPOT_CHECK_EVERY``), check again on a few fresh
+        examples, at the step and ``batch_idx`` training is at: a loss that starts mixing examples
+        after a warm-up, or a model that changes, is caught when it does, not never."""
+        if self.engine is None or not self.check_per_sample_grads or self._streams is None:
+            return
+        if int(torch.randint(_SPOT_CHECK_EVERY, (1,), generator=self._streams.check)) != 0:
+            return
+        module = self.lightning_module
+        examples = self._check_examples(_SPOT_CHECK_EXAMPLES, batch_idx)
+        if examples is None:
+            return
+        step = module.trainer.global_step
+        try:
+            with self._check_context(module):
+                with self.engine.disabled():
+                    reference = self._reference(examples)
+                check_per_sample_grads(
+                    self.engine, module, _trainable(module), examples.batch_of, examples.step,
+                    list(range(examples.n)), self.loss_reduction, reference, self._check_rtol(),
+                )
+        except PerSampleGradientMismatch as err:
+            raise type(err)(
+                f"At step {step} (a spot check; the start-of-fit check had passed), on fresh training examples: {err} "
+                "The loss or the model changed during training (a term switched on after a warm-up, a schedule "
+                "on the step or epoch); training stops here."
+            ) from err
+        if isinstance(self.grad_check, dict):
+            self.grad_check["spot_checks"] = int(self.grad_check.get("spot_checks", 0)) + 1
+
+    def _run_training_step(self, batch: Any, *args: Any, full_precision: bool = False, **kwargs: Any) -> tuple[Any, Tensor]:
         module = self.lightning_module
         assert module is not None
-        with self.precision_plugin.train_step_context():
+        # The check runs mixed-precision models in float32: it verifies the engine's arithmetic,
+        # which does not depend on the precision, at a tolerance bf16 rounding would swamp.
+        autocast = not (full_precision and isinstance(self.precision_plugin, MixedPrecision))
+        with self.precision_plugin.train_step_context() if autocast else nullcontext():
             output = module.training_step(batch, *args, **kwargs)
         loss = _loss(output)
         if loss is None:
@@ -515,23 +615,20 @@ class _PrivateTraining:
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.pop("batch")
         rest = args[1:]
-        if not isinstance(batch, PoissonBatch):
-            raise RuntimeError(
-                "DPStrategy received a training batch that was not Poisson-sampled "
-                f"({type(batch).__name__}); the privacy guarantee would not hold. Batches must come from "
-                "the training DataLoader that DPStrategy.process_dataloader prepared."
-            )
+        draw = self._next_draw()
+        #: The draw of the step being taken (its chunks and sizes), for callbacks that need them.
+        self.last_draw = draw
         if self.noise_multiplier is None:
-            raise RuntimeError("DPStrategy has no noise multiplier in force; see on_train_start's error.")
+            raise RuntimeError(f"{type(self).__name__} has no noise multiplier in force; see on_train_start's error.")
         if self._pending is not None:
             raise RuntimeError("A private gradient was computed but never released by an optimizer step.")
         if self.budget is not None:
             # The rate this batch was drawn with, not a loader's: whatever loader the batch came
             # from, the budget plans and the ledger records the rate that actually trains.
-            self.budget.ensure_step_allowed(self.lightning_module.trainer, batch.sample_rate)
+            self.budget.ensure_step_allowed(self.lightning_module.trainer, draw.sample_rate)
         module = self.lightning_module
         if self._manual is not None:
-            return self._manual_training_step(batch, *rest, **kwargs)
+            return self._manual_training_step(draw, batch, *rest, **kwargs)
         assert module is not None and self.engine is not None
         params = _trainable(module)
         if frozenset(params) != self._engine_params:
@@ -539,11 +636,12 @@ class _PrivateTraining:
             # made for the old set, so choose and verify the engine again for the new one.
             rank_zero_info(f"{type(self).__name__}: the trainable parameters changed; checking the engine again.")
             self._choose_engine()
+        self._spot_check(rest[0] if rest and isinstance(rest[0], int) else 0)
         mechanism = self._new_mechanism(params)
         output: Any = None
         loss_sum: Optional[Tensor] = None
         with _logged_once_per_step(module) as logs:
-            for chunk, size in zip(batch.chunks, batch.sizes):
+            for chunk, size in zip(self._chunks_on_device(draw, batch), draw.sizes):
                 logs.chunk_size = size
                 output, loss, grads = self.engine.compute(
                     lambda b: self._run_training_step(b, *rest, **kwargs), chunk, params, size, self.loss_reduction
@@ -551,25 +649,25 @@ class _PrivateTraining:
                 mechanism.add(grads)
                 loss_sum = loss * size if loss_sum is None else loss_sum + loss * size
         self._mechanism = mechanism
-        self._pending = batch
+        self._pending = draw
         if loss_sum is None:
             return self._empty_step_output()  # empty draw: no training_step, but the noise-only step still happens
-        mean_loss = loss_sum / batch.size
+        mean_loss = loss_sum / draw.size
         if isinstance(output, Mapping):  # the last chunk's extra outputs, with the batch's mean loss
             return {**output, "loss": mean_loss}
         return mean_loss
 
-    def _manual_training_step(self, batch: PoissonBatch, *rest: Any, **kwargs: Any) -> Any:
+    def _manual_training_step(self, draw: PoissonBatch, batch: Any, *rest: Any, **kwargs: Any) -> Any:
         module = self.lightning_module
         manual = self._manual
         assert module is not None and manual is not None
 
         def run(data: Any) -> Any:
             with _logged_once_per_step(module) as logs, self.precision_plugin.train_step_context():
-                logs.chunk_size = max(batch.size, 1)
+                logs.chunk_size = max(draw.size, 1)
                 return module.training_step(data, *rest, **kwargs)
 
-        return manual.training_step(batch, run)
+        return manual.training_step(draw, batch, run)
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if not self._dp_fitting:

@@ -60,14 +60,21 @@ class Classifier(L.LightningModule):
 
 
 class Batches(L.Callback):
-    """Record the Poisson batches the training loop received (the start-of-fit check's own
-    calls to training_step are not part of training)."""
+    """Record what the training loop trained on: each step's Poisson draw (``batches``: its
+    chunks and sizes, from the strategy) and the batch the hooks received (``seen``: the user's
+    own format). The start-of-fit check's own calls to training_step are not part of training."""
 
     def __init__(self) -> None:
         self.batches: list[Any] = []
+        self.seen: list[Any] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.batches.append(batch)
+        self.seen.append(batch)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.batches.append(trainer.strategy.last_draw)
 
     @property
     def examples(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,8 +104,12 @@ def test_epsilon_and_friends_in_tensorboard_event_files(tmp_path: Path) -> None:
     for step, value in eps:
         n = int(steps[step])
         assert n == step + 1  # logged after the (step+1)-th private step
-        assert value == pytest.approx(compute_epsilon([(sigma, 0.125, n)], DELTA), rel=1e-6)
-        assert value >= pld_epsilon([(sigma, 0.125, n)], DELTA) - 0.01
+        # From the plan's table: an upper bound (never below the independent oracle), close to the
+        # accountant's figure, and exactly it at the plan's end.
+        exact = compute_epsilon([(sigma, 0.125, n)], DELTA)
+        assert value >= pld_epsilon([(sigma, 0.125, n)], DELTA) - 1e-3
+        assert value <= 1.15 * exact
+    assert values[-1] == pytest.approx(budget.epsilon_spent, rel=1e-6)
     assert all(v == pytest.approx(sigma) for _, v in scalars["dp/noise_multiplier"])
     assert all(v == pytest.approx(0.125) for _, v in scalars["dp/sample_rate"])
     assert all(v == pytest.approx(DELTA) for _, v in scalars["dp/delta"])

@@ -3,6 +3,7 @@ engine, ``auto`` included), on cross-talk inside an engine, and on non-finite en
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -195,3 +196,92 @@ def test_functional_and_attention_dropout_are_off_during_the_check() -> None:
         ref = nn.functional.scaled_dot_product_attention(x, x, x)
         assert torch.allclose(out, ref)
     assert not torch.equal(nn.functional.dropout(x, 0.5, training=True), x)  # back on afterwards
+
+
+# --------------------------------------------------------------------------- review findings
+class HandlesMissingValues(Classifier):
+    """Tabular data with a NaN (a missing value) in every row, which the model fills in."""
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(torch.nan_to_num(x)), y)
+
+
+class CentredWithMissingValues(HandlesMissingValues):
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        x, y = batch
+        x = torch.nan_to_num(x)
+        return nn.functional.cross_entropy(self.net(x - x.mean(0)), y)
+
+
+def missing_values() -> TensorDataset:
+    x, y = make_dataset(n=64).tensors
+    x = x.clone()
+    x[:, 3] = math.nan
+    return TensorDataset(x, y)
+
+
+def test_data_with_a_nan_in_every_row_is_checked_not_skipped() -> None:
+    # The check picks its examples by whether their loss is finite, not their raw data: a model
+    # that handles missing values is verified on 8 examples, and a mixing loss is still refused.
+    t = fit(HandlesMissingValues(), loader(missing_values()))
+    assert t.strategy.grad_check["verified"] and t.strategy.grad_check["examples"] == 8
+    with pytest.raises(LossNotPerExample, match="mixes examples"):
+        fit(CentredWithMissingValues(), loader(missing_values()))
+
+
+def test_a_dataset_with_no_finite_loss_is_refused_not_trained_unchecked() -> None:
+    x, y = make_dataset(n=64).tensors
+    with pytest.raises(LossNotPerExample, match="needs 2 training examples whose loss is finite"):
+        fit(Classifier(), loader(TensorDataset(torch.full_like(x, math.nan), y)))
+
+
+class MixesAfterWarmUp(Classifier):
+    """A term that mixes examples switched on after a warm-up, as a schedule would."""
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        x, y = batch
+        if self.trainer.global_step >= 3:
+            x = x - x.mean(0)
+        return nn.functional.cross_entropy(self.net(x), y)
+
+
+def test_a_loss_that_starts_mixing_mid_run_is_caught_by_a_spot_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_dp.strategy as strategy_module
+
+    monkeypatch.setattr(strategy_module, "_SPOT_CHECK_EVERY", 1)  # a spot check at every step
+    t = trainer(max_steps=10, strategy=DPStrategy(noise_multiplier=1.0))
+    with pytest.raises(LossNotPerExample, match="At step 3 .*spot check"):
+        t.fit(MixesAfterWarmUp(), loader(make_dataset()))
+    assert t.strategy.history.steps == 3  # the steps before the switch
+
+
+def test_spot_checks_run_in_a_long_run_and_pass_on_a_per_example_loss() -> None:
+    t = trainer(max_steps=300, strategy=DPStrategy(noise_multiplier=1.0))
+    t.fit(Classifier(), loader(make_dataset()))
+    assert t.strategy.grad_check["spot_checks"] >= 1  # about 300 / 64
+
+
+class RunningMean(Classifier):
+    """Keeps a running mean of the inputs in a buffer, updated in the forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(6))
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        x, y = batch
+        self.mean.mul_(0.9).add_(0.1 * x.mean(0).detach())
+        return nn.functional.cross_entropy(self.net(x), y)
+
+
+def test_a_buffer_updated_from_the_data_in_training_step_is_refused() -> None:
+    with pytest.raises(LossNotPerExample, match="buffer.*mean.*without clipping or noise"):
+        fit(RunningMean(), loader(make_dataset()))
+
+
+def test_a_user_built_poisson_loader_is_refused() -> None:
+    from lightning_dp.sampling import poisson_dataloader
+
+    with pytest.raises(TypeError, match="already Poisson-sampled"):
+        fit(Classifier(), poisson_dataloader(loader(make_dataset())))

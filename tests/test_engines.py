@@ -270,7 +270,7 @@ def test_functorch_engine_trains_with_dropout_and_logs_the_real_batch() -> None:
 
     class Watch(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch.size:
+            if len(batch[0]):
                 logged.append(float(trainer.callback_metrics["train_loss"]))
                 assert float(outputs["loss"]) == pytest.approx(logged[-1], rel=1e-6)
 

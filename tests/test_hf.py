@@ -56,7 +56,7 @@ class CausalLM(L.LightningModule):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_physical", [None, 3])
-@pytest.mark.parametrize("build, engine", [(gpt2, "functorch"), (llama, "ghost"), (llama_lora, "ghost")],
+@pytest.mark.parametrize("build, engine", [(gpt2, "ghost"), (llama, "ghost"), (llama_lora, "ghost")],
                          ids=["gpt2", "llama", "llama-lora"])
 def test_hf_causal_lm_gets_the_exact_dp_update(build, engine, max_physical) -> None:
     c, b = 0.05, 8

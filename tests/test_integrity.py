@@ -116,19 +116,52 @@ def test_with_a_key_unsigned_and_foreign_ledgers_are_refused(tmp_path: Path, mon
     with pytest.raises(ValueError, match="'history'"):
         resume(signed)
     with pytest.raises(ValueError, match="'digests'"):  # a 0.1 checkpoint has no signature
-        resume(LEGACY)
+        resume(LEGACY, PrivacyBudget(epsilon=8.0, delta=1e-5, allow_unverified_ledger=True))
 
 
-def test_a_checkpoint_written_by_lightning_dp_0_1_still_resumes() -> None:
+def test_a_checkpoint_written_by_lightning_dp_0_1_resumes_when_allowed_and_is_marked_unverified(tmp_path) -> None:
     legacy = budget_state(torch.load(LEGACY, weights_only=False))
     segments = [tuple(s) for s in legacy["history"]["segments"]]
     assert segments == [(0.96484375, 0.125, 5)]
-    budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
-    t = trainer(max_steps=8, strategy=DPStrategy(), callbacks=[budget])
+    # By default refused: a 0.1 ledger looks exactly like one whose digests were stripped.
+    with pytest.raises(ValueError, match="allow_unverified_ledger=True"):
+        trainer(max_steps=8, strategy=DPStrategy(), callbacks=[PrivacyBudget(epsilon=3.0, delta=1e-5)]).fit(
+            Classifier(), loader(make_dataset(n=64), batch_size=8), ckpt_path=LEGACY)
+    budget = PrivacyBudget(epsilon=3.0, delta=1e-5, allow_unverified_ledger=True)
+    t = trainer(max_steps=8, strategy=DPStrategy(), callbacks=[budget], default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match="before ledgers carried digests"):
         t.fit(Classifier(), loader(make_dataset(n=64), batch_size=8), ckpt_path=LEGACY)
     assert budget.steps == 8 and budget.history.segments[0] == segments[0]
     assert compute_epsilon(segments, 1e-5) < budget.epsilon_spent <= 3.0
+    assert budget.ledger_verified is False and budget.report(t, show=False)["ledger_verified"] is False
+    # ... and stays marked when the resumed run is saved and resumed again.
+    t.save_checkpoint(tmp_path / "again.ckpt")
+    again = resume(tmp_path / "again.ckpt", PrivacyBudget(epsilon=8.0, delta=1e-5))
+    assert again.ledger_verified is False
+
+
+def test_a_ledger_copied_whole_from_another_runs_checkpoint_is_refused(tmp_path: Path) -> None:
+    cheap, costly = tmp_path / "cheap.ckpt", tmp_path / "costly.ckpt"
+    write_checkpoint(cheap)
+    write_checkpoint(costly)
+    spliced = torch.load(costly, weights_only=False)
+    spliced["callbacks"] = torch.load(cheap, weights_only=False)["callbacks"]  # identity, digests and all
+    torch.save(spliced, tmp_path / "spliced.ckpt")
+    with pytest.raises(ValueError, match="'binding'"):
+        resume(tmp_path / "spliced.ckpt")
+    proc = subprocess.run([sys.executable, "-m", "lightning_dp", "report", str(tmp_path / "spliced.ckpt")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "'binding'" in proc.stderr
+
+
+def test_a_stripped_digest_is_refused_like_a_0_1_ledger(tmp_path: Path) -> None:
+    def strip(state: dict[str, Any]) -> None:
+        larger_sigma(state)
+        for key in ("digests", "version", "run_id", "signed", "binding"):
+            state.pop(key, None)
+
+    with pytest.raises(ValueError, match="allow_unverified_ledger"):
+        resume(edited(tmp_path, strip))
 
 
 def test_the_report_command_refuses_a_tampered_checkpoint(tmp_path: Path) -> None:

@@ -414,7 +414,7 @@ class Records(Dataset):
 
 def test_batch_without_an_empty_form_is_refused() -> None:
     t = trainer(max_steps=2, strategy=DPStrategy(noise_multiplier=1.0, private_optimizers=[1]))
-    with pytest.raises(TypeError, match="cannot build from it the empty batch"):
+    with pytest.raises(TypeError, match="empty batch of an empty Poisson draw cannot be built"):
         t.fit(GAN(), DataLoader(Records(), batch_size=4, collate_fn=lambda items: items[0]))
 
 

@@ -297,7 +297,8 @@ def test_advantage_target_stops_before_it_would_be_exceeded_and_logs_risk(tmp_pa
     logged_steps = dict(scalars["dp/steps"])
     for step, value in scalars["dp/risk/advantage"]:
         n = int(logged_steps[step])
-        assert value == pytest.approx(oracle_advantage([(sigma, q, n)]), abs=1e-5)
+        # From the plan's table: an upper bound, at most the next table point's (k <= 1.3 n here).
+        assert oracle_advantage([(sigma, q, n)]) - 1e-4 <= value <= oracle_advantage([(sigma, q, int(1.3 * n) + 2)]) + 1e-3
     tprs = [v for _, v in scalars["dp/risk/tpr_at_fpr_0.01"]]
     assert tprs == sorted(tprs) and all(0.01 <= v <= 1 for v in tprs)
     # The state carries the target: a fresh callback restored from it enforces it.

@@ -39,10 +39,14 @@ def test_rate_length_and_chunks_of_the_rebuilt_loader(dataset) -> None:
     assert len(dl) == math.ceil(len(dataset) / 10)
     sampler = dl.batch_sampler
     assert isinstance(sampler, PoissonBatchSampler) and sampler.sample_rate == 10 / len(dataset)
-    for batch in dl:
-        assert isinstance(batch, PoissonBatch)
+    for x, y in dl:  # the whole draw, in the user's format
+        batch = dl.draws.popleft()  # and the draw the strategy takes
+        assert isinstance(batch, PoissonBatch) and not dl.draws
         assert batch.expected_size == 10.0
-        assert all(len(x) == s <= 3 for (x, _), s in zip(batch.chunks, batch.sizes))
+        assert all(len(c) == s <= 3 for (c, _), s in zip(batch.chunks, batch.sizes))
+        assert len(x) == len(y) == batch.size
+        if batch.size:
+            assert torch.equal(torch.cat([c for c, _ in batch.chunks]), x)
 
 
 def test_same_generator_seed_same_draws_secure_mode_not(dataset) -> None:
@@ -72,7 +76,8 @@ def test_user_loader_settings_are_kept(dataset) -> None:
     assert out.num_workers == 2 and out.worker_init_fn is seed_worker and out.generator is g
     assert out.persistent_workers and out.prefetch_factor == 3 and out.timeout == 30
     batches = list(out)  # real worker processes collate with the user's collate_fn
-    assert all(isinstance(c, dict) and set(c) == {"x", "y"} for b in batches for c in b.chunks)
+    assert all(isinstance(b, dict) and set(b) == {"x", "y"} for b in batches)
+    assert all(isinstance(c, dict) for d in out.draws for c in d.chunks)
 
 
 class DictModel(Classifier):
@@ -96,9 +101,10 @@ def test_custom_collate_and_transfer_hooks_work_through_the_trainer(dataset) -> 
     with pytest.warns(UserWarning):
         t.fit(DictModel(), dl)
     assert t.global_step == 4
-    # One transfer per chunk, plus 6 for the start-of-fit check on 3 examples: three singles and the
-    # batch (plain autograd), the batch and the batch but one (the engine).
-    assert DictModel.transferred == sum(len(b.chunks) for b in rec.batches) + 6
+    # One transfer per step (the whole draw, for the hooks) and one per chunk when the draw was split,
+    # plus 6 for the start-of-fit check on 3 examples: three singles and the batch (plain autograd),
+    # the batch and the batch but one (the engine).
+    assert DictModel.transferred == sum(1 + len(b.chunks) * b.split for b in rec.batches) + 6
 
 
 def test_validation_loader_is_left_exactly_as_given(dataset) -> None:

@@ -63,6 +63,15 @@ class Materialized(PerExampleGrads):
         self.grads = [None if g is None else zero_rows(g, rows) for g in self.grads]
 
 
+def clipping_sq_norms(grads: PerExampleGrads) -> Tensor:
+    """The squared norms clipping uses: float32, and float64 where float32 overflowed (a huge but
+    finite gradient). Entries that stay non-finite are examples with NaN or inf gradients."""
+    sq = grads.sq_norms()
+    if not bool(torch.isfinite(sq).all()):
+        sq = grads.sq_norms(torch.float64)
+    return sq
+
+
 def zero_rows(t: Tensor, rows: Tensor) -> Tensor:
     """``t`` with its leading-dimension entries where ``rows`` is true replaced by zeros (a new
     tensor: NaN and inf included)."""
@@ -155,3 +164,28 @@ def silenced_logging(module: nn.Module) -> Iterator[None]:
                 setattr(module, k, saved[k])
             else:
                 delattr(module, k)
+
+
+@contextmanager
+def metrics_kept(module: nn.Module) -> Iterator[None]:
+    """Put every ``torchmetrics`` metric inside ``module`` back as it was afterwards: passes of
+    ``training_step`` that are not the step itself (the check's, a per-example engine's) must not
+    add their batches to the metrics the user accumulates over the epoch."""
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # torchmetrics is a dependency, but keep the engines usable without it
+        yield
+        return
+    saved = []
+    for m in module.modules():
+        if isinstance(m, Metric):
+            state = {k: v.clone() if isinstance(v, Tensor) else [t.clone() for t in v] if isinstance(v, list) else v
+                     for k, v in m.metric_state.items()}
+            saved.append((m, state, m._update_count, m._computed, m._forward_cache))
+    try:
+        yield
+    finally:
+        for m, state, count, computed, cache in saved:
+            for k, v in state.items():
+                setattr(m, k, v)
+            m._update_count, m._computed, m._forward_cache = count, computed, cache

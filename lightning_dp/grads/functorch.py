@@ -26,6 +26,7 @@ from lightning_dp.grads.engine import (
     PerExampleGrads,
     PerSampleGradEngine,
     StepFn,
+    metrics_kept,
     param_names,
     silenced_logging,
 )
@@ -82,7 +83,7 @@ class _OneExampleAtATime(PerSampleGradEngine):
         with torch.no_grad():  # the real step: its logs and outputs, as without DP
             output, loss = step(batch)
         leaves, spec = _split_examples(batch, batch_size, self.name)
-        with silenced_logging(module):
+        with silenced_logging(module), metrics_kept(module):
             grads = self._per_example(module, step, leaves, spec, params, batch_size)
         for p in params:
             p.grad = None

@@ -64,6 +64,49 @@ def _layer_per_example(m: nn.Module, x: Tensor, g: Tensor, own: dict[str, nn.Par
     return vmap(grad(contribution), in_dims=(None, 0, 0))(values, x, g)
 
 
+#: float32's unit roundoff, and the bound on the relative size of the rounding slack (in units of
+#: the norm bound, for T positions) above which a ghost norm is computed in float64 instead.
+_U32 = 2.0**-24
+_MAX_SLACK = 1e-2
+
+
+def _gram_bound(a: Optional[Tensor], g: Tensor, ids: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """An upper bound on each example's ``||sum_t g_t a_t^T||^2`` (a Linear layer; with ``ids``
+    instead of ``a``, an Embedding's: ``a_t`` one-hot), computed as
+    ``sum_{t,t'} (a_t . a_t')(g_t . g_t')`` without forming the gradient.
+
+    That sum can cancel: its terms can be far larger than the result, and in floating point the
+    computed value can then be far too small, or negative, for a crafted example, which would
+    escape clipping. The rounding error is at most ``kappa * S^2`` with
+    ``S = sum_t |a_t| |g_t|`` and ``kappa = 1.01 u (d_a + d_g + T + 2)`` (the dot products in
+    the two Gram matrices, then row sums of ``T`` terms; the rows are added in float64), so
+    ``max(computed, 0) + kappa S^2`` is never below the true squared norm. The slack is about
+    ``kappa T`` of the norm for typical gradients; where float32's would exceed
+    ``_MAX_SLACK``, the Gram matrices are computed in float64 (``u = 2^-53``)."""
+    n, positions, d_g = g.shape
+    d_a = 0 if a is None else a.shape[2]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    if work == torch.float32 and 1.01 * _U32 * (d_a + d_g + positions + 2) * positions > _MAX_SLACK:
+        work = torch.float64
+    u = _U32 if work == torch.float32 else 2.0**-53
+    g_w = g.to(work)
+    grams = torch.bmm(g_w, g_w.transpose(1, 2))
+    if a is None:
+        assert ids is not None
+        grams = grams * (ids.unsqueeze(2) == ids.unsqueeze(1)).to(work)
+        span = torch.linalg.vector_norm(g_w, dim=2, dtype=torch.float64).sum(dim=1)
+    else:
+        a_w = a.to(work)
+        grams = grams * torch.bmm(a_w, a_w.transpose(1, 2))
+        span = (
+            torch.linalg.vector_norm(a_w, dim=2, dtype=torch.float64)
+            * torch.linalg.vector_norm(g_w, dim=2, dtype=torch.float64)
+        ).sum(dim=1)
+    computed = grams.sum(dim=2).to(torch.float64).sum(dim=1)
+    kappa = 1.01 * u * (d_a + d_g + positions + 2)
+    return computed.clamp(min=0.0) + kappa * span.square()
+
+
 def _own_trainable(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
 
@@ -83,17 +126,17 @@ class GhostGrads(PerExampleGrads):
         self.materialized[index] = grad if index not in self.materialized else self.materialized[index] + grad
 
     def sq_norms(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Each example's squared gradient norm: exact (to rounding) for the materialised layers;
+        for the ghost layers an upper bound that no rounding can push below the true value (see
+        :func:`_gram_bound`)."""
         n = self.batch_size
         sq = torch.zeros(n, dtype=dtype, device=self._device())
         for g in self.materialized.values():
             sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=dtype).square()
         for _, a, g, _, _ in self.linear:
-            a, g = a.to(dtype), g.to(dtype)
-            sq += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+            sq += _gram_bound(a, g, None, dtype).to(dtype)
         for _, ids, g, _ in self.embedding:
-            g = g.to(dtype)
-            same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(dtype)
-            sq += (same * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+            sq += _gram_bound(None, g, ids, dtype).to(dtype)
         return sq
 
     def drop(self, rows: Tensor) -> None:
@@ -158,6 +201,7 @@ class GhostEngine(PerSampleGradEngine):
         self._handles: list[Any] = []
         self._records: dict[nn.Module, list[list[Any]]] = {}
         self._recording = False
+        self._n = 0  # examples in the chunk being recorded
 
     def unsupported(self, module: nn.Module) -> list[str]:
         problems = []
@@ -185,11 +229,25 @@ class GhostEngine(PerSampleGradEngine):
         self._records = {}
         self._module = None
 
-    def _record(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def _record(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
         if not self._recording or not torch.is_grad_enabled():
-            return
+            return None
         if not (isinstance(output, Tensor) and output.requires_grad):
-            return
+            return None
+        n, replaced = self._n, None
+        first = inputs[0] if inputs else None
+        if (
+            n > 1 and isinstance(first, Tensor) and first.dim() > 0 and first.shape[0] == 1
+            and output.dim() > 0 and output.shape[0] == 1
+        ):
+            # A layer run once for the whole batch and broadcast over it (Hugging Face's GPT-2
+            # looks up its position embeddings with position ids of shape (1, T)): give each
+            # example its own (expanded, not copied) view, so autograd keeps each example's output
+            # gradient instead of summing them. The forward values are unchanged; should the model
+            # use the output in a way that depends on its leading dimension, the start-of-fit check
+            # sees the difference and passes this engine over.
+            output = replaced = output.expand(n, *output.shape[1:])
+            inputs = (first.expand(n, *first.shape[1:]), *inputs[1:])
         record: list[Any] = [[t.detach() if isinstance(t, Tensor) else t for t in inputs], None]
         self._records.setdefault(module, []).append(record)
 
@@ -197,6 +255,7 @@ class GhostEngine(PerSampleGradEngine):
             record[1] = grad.detach()
 
         output.register_hook(keep_grad)
+        return replaced
 
     def compute(
         self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
@@ -205,6 +264,7 @@ class GhostEngine(PerSampleGradEngine):
         assert module is not None, "engine used before attach()"
         self._records = {}
         self._recording = True
+        self._n = batch_size
         try:
             output, loss = step(batch)
             loss.backward()
@@ -263,6 +323,9 @@ class GhostEngine(PerSampleGradEngine):
                 else:
                     a = inputs[0].reshape(n, -1, inputs[0].shape[-1])
                     g3 = g.reshape(n, -1, g.shape[-1])
+                if a.dtype != g3.dtype:  # mixed precision: a bf16 activation, a float32 gradient (or back)
+                    common = torch.promote_types(a.dtype, g3.dtype)
+                    a, g3 = a.to(common), g3.to(common)
                 if "weight" in own:
                     weight, length = own["weight"], a.shape[1]
                     if length * length <= a.shape[2] * g3.shape[2]:
