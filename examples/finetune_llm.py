@@ -50,7 +50,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_dp import DPStrategy, PrivacyBudget  # noqa: E402
+from lightning_dp import DPStrategy, PrivacyBudget, causal_lm_loss  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "shakespeare"
 PLAYS = ("tempest", "macbeth", "hamlet")
@@ -103,9 +103,8 @@ def add_lora(base: nn.Module, rank: int, seed: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # the same adapters for the private and the non-private run
-    # lora_dropout=0: DP-SGD's start-of-fit check compares deterministic passes, and dropout
-    # adds nothing to the privacy.
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    # peft's usual dropout: DPStrategy's start-of-fit check turns dropout off for its own passes.
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=LORA_TARGETS)
     model = get_peft_model(copy.deepcopy(base), config)
     return model.train()  # from_pretrained returns the model in eval mode
 
@@ -144,9 +143,10 @@ class LoRAFineTune(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         (ids,) = batch
-        # Mean over all predicted tokens; every block has the same length, so it is also the
-        # mean of the per-block means (what loss_reduction="mean" means to DPStrategy).
-        loss = self.model(input_ids=ids, labels=ids).loss
+        # Each block's mean next-token loss, then the mean over the batch: a per-example loss.
+        # (Hugging Face's `model(input_ids=ids, labels=ids).loss` averages tokens over the whole
+        # batch, which DPStrategy refuses: with padding, a block's weight would depend on the others.)
+        loss = causal_lm_loss(self.model(input_ids=ids).logits, ids)
         self.log("train_loss", loss)
         return loss
 

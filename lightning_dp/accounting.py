@@ -119,9 +119,30 @@ def _epsilon(segments: tuple[Segment, ...], delta: float, accountant: str) -> fl
         # Opacus warns about RDP orders and numpy overflows on the far-off noise levels that
         # calibration probes (the bound stays valid), and that GDP is experimental (documented).
         warnings.simplefilter("ignore")
+        if accountant == "prv" and _prv_points(segments, delta) > _MAX_PRV_POINTS:
+            # Opacus's PRV accountant would allocate arrays of this many float64 points (tens of GiB
+            # for little noise over many steps, where the OS kills the process rather than raise
+            # MemoryError): report the RDP bound, valid and looser, instead.
+            return float(rdp_to_epsilon(rdp_curve(segments), delta))
         acc = ACCOUNTANTS[accountant]()
         acc.history = [tuple(s) for s in segments]
         return float(acc.get_epsilon(delta=delta))
+
+
+#: The largest discretisation the PRV accountant is asked for (each of its arrays: 8 bytes a point).
+_MAX_PRV_POINTS = 1 << 25
+
+
+def _prv_points(segments: tuple[Segment, ...], delta: float) -> float:
+    """How many points Opacus's PRV accountant would discretise ``segments`` on (its
+    ``_get_domain`` with the default errors): twice its safe domain size over its mesh."""
+    eps_error, delta_error = 0.01, delta / 1000
+    total = sum(n for _, _, n in segments)
+    reach = float(rdp_to_epsilon(rdp_curve(segments), delta_error / 4))
+    for sigma, q, _ in segments:
+        reach = max(reach, float(rdp_to_epsilon(_one_step_rdp(sigma, q), delta_error / (8 * total))))
+    mesh = eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
+    return 2 * (max(reach, eps_error) + 3) / mesh
 
 
 def compute_epsilon(history: PrivacyHistory | Iterable[Segment], delta: float, accountant: AccountantName = "prv") -> float:
@@ -279,24 +300,61 @@ def calibrate_noise(
 
     for target in musts:
         spent = target.value(history)
-        if spent >= target.limit:
+        if not spent < target.limit:  # NaN too
             raise ValueError(
                 f"The recorded history already spends {target.name}={spent:.4g} of the target {target.limit:.4g}; "
                 "no noise level allows further steps."
             )
-    hi = 1.0
-    while not fits(hi):
-        hi *= 2
+
+    def load(sigma: float) -> float:
+        """How much of the binding target ``sigma`` uses: > 1 overspends (NaN counts as inf)."""
+        ratios = [v / t.limit for v, t in zip(_safe(values_at, sigma, len(musts)), musts)]
+        worst = max(ratios)
+        return worst if worst == worst else math.inf
+
+    # Bracket the answer: lo overspends (or is 0), hi fits. The targets' values are nearly
+    # straight lines in log-log against sigma, so secant steps there (Illinois' variant, which
+    # cannot stall) land within rel_tol in a few queries where bisection needs ten (each PRV
+    # query costs 0.1-0.8 s).
+    hi, load_hi = 1.0, load(1.0)
+    lo, load_lo = 0.0, math.inf
+    while load_hi > 1.0:
+        lo, load_lo = hi, load_hi
+        hi *= 4 if load_hi > 4 else 2
         if hi > 1e6:
             raise ValueError("No noise multiplier below 1e6 meets the target; the budget is too small.")
-    lo = hi / 2 if hi > 1.0 else 0.0  # the target fails at lo, or lo = 0 (no noise)
-    # Bisect until the binding target at ``hi`` is used to within rel_tol.
-    while all(t.limit - v > rel_tol * t.limit for v, t in zip(values_at(hi), musts)) and hi - lo > 1e-6:
-        mid = (lo + hi) / 2
-        if fits(mid):
-            hi = mid
+        load_hi = load(hi)
+    if lo == 0.0:
+        while hi > 1e-3:  # step down until something overspends
+            lower = hi / 2
+            load_lower = load(lower)
+            if load_lower > 1.0:
+                lo, load_lo = lower, load_lower
+                break
+            hi, load_hi = lower, load_lower
+    aim = math.log1p(-rel_tol / 2)  # inside the tolerance, on the fitting side
+    side = 0
+    for _ in range(60):
+        if load_hi >= 1.0 - rel_tol or hi - lo <= 1e-6 * hi:
+            break
+        if lo > 0.0 and math.isfinite(load_lo) and load_lo > 0 and load_hi > 0:
+            x_lo, x_hi = math.log(lo), math.log(hi)
+            y_lo, y_hi = math.log(load_lo) - aim, math.log(load_hi) - aim
+            if side == 1:
+                y_lo /= 2  # Illinois: the end that keeps being kept is halved
+            elif side == -1:
+                y_hi /= 2
+            x = x_hi - y_hi * (x_hi - x_lo) / (y_hi - y_lo) if y_hi != y_lo else (x_lo + x_hi) / 2
+            mid = min(max(math.exp(x), lo + 0.01 * (hi - lo)), hi - 0.01 * (hi - lo))
         else:
-            lo = mid
+            mid = (lo + hi) / 2
+        load_mid = load(mid)
+        if load_mid <= 1.0:
+            hi, load_hi = mid, load_mid
+            side = 1 if side >= 0 else 0
+        else:
+            lo, load_lo = mid, load_mid
+            side = -1 if side <= 0 else 0
     return hi
 
 
@@ -335,8 +393,22 @@ def rdp_curve(history: PrivacyHistory | Iterable[Segment], orders: Sequence[floa
             continue
         if sigma == 0:
             return np.full(len(orders), math.inf)
-        total = total + compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=list(orders))
+        if tuple(orders) == RDP_ORDERS:
+            total = total + n * _one_step_rdp(float(sigma), float(q))
+        else:
+            total = total + compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=list(orders))
     return total
+
+
+@functools.lru_cache(maxsize=1024)
+def _one_step_rdp(sigma: float, q: float) -> Any:
+    """One sampled-Gaussian step's RDP at :data:`RDP_ORDERS` (composition multiplies it)."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    curve = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS)), dtype=np.float64)
+    curve.setflags(write=False)
+    return curve
 
 
 def rdp_to_epsilon(curve: Any, delta: float, orders: Sequence[float] = RDP_ORDERS) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import uuid
@@ -182,6 +183,10 @@ class PrivacyBudget(Callback):
         self.run_id = uuid.uuid4().hex
         #: ``False`` once a ledger that could not be verified was resumed (allow_unverified_ledger).
         self.ledger_verified = True
+        #: The ledger's step count at each resume, and ``(step, epsilon budget)`` at each change of
+        #: the budget (for the report's figure).
+        self.resumed_at: list[int] = []
+        self.budget_changes: list[tuple[int, Optional[float]]] = []
 
     # ------------------------------------------------------------------ what was spent
     @property
@@ -309,6 +314,8 @@ class PrivacyBudget(Callback):
         self._allowed_steps = self._ledger.steps + extra
         self._planned_for = (sigma, q)
         self._planned_end = self._ledger.steps + remaining
+        if not self.budget_changes or self.budget_changes[-1][1] != self.epsilon:
+            self.budget_changes.append((self._ledger.steps, self.epsilon))
         self._plan_base = PrivacyHistory(list(self._ledger.segments))
         self._table = None  # built when first logged
         rank_zero_info(
@@ -414,25 +421,24 @@ class PrivacyBudget(Callback):
 
     def _stop(self, trainer: pl.Trainer) -> None:
         strategy = self._strategy
-        assert strategy is not None
-        spent = self.epsilon_spent
-        sigma, q = strategy.noise_multiplier, strategy.sample_rate
+        assert strategy is not None and self._planned_for is not None
+        sigma, q = strategy.noise_multiplier, self._planned_for[1]
         if sigma is not None and math.isfinite(sigma):
             nxt = compute_epsilon(self._ledger.extended(sigma, q, 1), self.delta, self.accountant)
             after = f"one more step would spend {nxt:.4g}"
         else:
             after = "no noise level allows another step"
-        what = "the planned run ends" if self._ledger.steps >= self._planned_end else "stopping"
-        if self.epsilon is not None:
-            budget = f"epsilon={spent:.4g} of {self.epsilon:g} (delta={self.delta:g}, {self.accountant})"
+        if self._ledger.steps >= self._planned_end:
+            # The Trainer's own plan ends here too: say so rather than claim the budget stopped it.
+            self.stopped_reason = (
+                f"PrivacyBudget: the planned run ends ({_plan_text(trainer)}) after {self._ledger.steps} private steps, "
+                f"which is also the most the budget allows: {self._spent_text()}; {after}."
+            )
         else:
-            budget = f"epsilon={spent:.4g} (delta={self.delta:g}, {self.accountant}, no epsilon target)"
-        for target in self._risk_targets:
-            budget += f", {target.name}={target.value(self._ledger):.4g} of {target.limit:g}"
-        self.stopped_reason = (
-            f"PrivacyBudget: {what} after {self._ledger.steps} private steps, the most the budget allows: "
-            f"{budget}; {after}."
-        )
+            self.stopped_reason = (
+                f"PrivacyBudget: stopping after {self._ledger.steps} private steps, the most the budget allows, "
+                f"before the planned run's end ({_plan_text(trainer)}): {self._spent_text()}; {after}."
+            )
         if self._tuner_max_steps(trainer) is not None:
             rank_zero_warn(
                 self.stopped_reason + " This happened in a tuner's trial run (lr_find or scale_batch_size): its trial "
@@ -450,6 +456,31 @@ class PrivacyBudget(Callback):
             fit_loop.min_epochs = 0
             fit_loop.epoch_loop.min_steps = 0
 
+    def _spent_text(self) -> str:
+        spent = self.epsilon_spent
+        if self.epsilon is not None:
+            text = f"epsilon={spent:.4g} of {self.epsilon:g} (delta={self.delta:g}, {self.accountant})"
+        else:
+            text = f"epsilon={spent:.4g} (delta={self.delta:g}, {self.accountant}, no epsilon target)"
+        for target in self._risk_targets:
+            text += f", {target.name}={target.value(self._ledger):.4g} of {target.limit:g}"
+        return text
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stopped_reason is not None or self._allowed_steps is None:
+            return  # the budget ended the run, and said so
+        more = self._allowed_steps - self._ledger.steps
+        if self._ledger.steps >= self._planned_end:
+            why = f"the planned run ended ({_plan_text(trainer)})"
+        else:
+            why = "training stopped before the planned run's end, and not because of the budget (another callback, " \
+                  "or the user)"
+        self.stopped_reason = (
+            f"PrivacyBudget: {why} after {self._ledger.steps} private steps; the budget would allow {more} more: "
+            f"{self._spent_text()}."
+        )
+        rank_zero_info(self.stopped_reason)
+
     # ------------------------------------------------------------------ the report
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.report_at_fit_end:
@@ -466,25 +497,25 @@ class PrivacyBudget(Callback):
         and print its table (rank zero only); return the report's dict.
 
         Args:
-            trainer: the Trainer this callback is attached to: where the files go
-                (``trainer.log_dir``, else ``default_root_dir``), the strategy's safety
-                checks, and a :class:`~lightning_dp.PrivacyAudit`'s result. Call it on every
-                process (``log_dir`` is broadcast).
+            trainer: the Trainer this callback is attached to: where the files go (the log
+                directory of every logger, where the run's other artefacts go; without a logger,
+                ``default_root_dir``), the strategy's safety checks, and a
+                :class:`~lightning_dp.PrivacyAudit`'s result. Another run's report there is
+                never overwritten (see :func:`~lightning_dp.report.write_report`).
             directory: write here instead of the Trainer's directory. With neither, nothing
                 is written (the report is still returned and printed).
             show: print the table.
         """
-        from lightning_dp.report import REPORT_PNG, build_report, print_report, safety_checks, write_report
+        from lightning_dp.report import build_report, print_report, safety_checks, write_report
 
         audit = _audit_of(trainer) if trainer is not None else None
         checks = safety_checks(self._strategy) if self._strategy is not None else None
         built = build_report(self, audit.result if audit is not None else None, checks)
-        if directory is None and trainer is not None:
-            directory = trainer.log_dir or trainer.default_root_dir
+        directories = [Path(directory)] if directory is not None else _artefact_dirs(trainer)
         if trainer is None or trainer.is_global_zero:
-            if directory is not None:
-                json_path, _ = write_report(built, directory, self._ledger)
-                rank_zero_info(f"PrivacyBudget: privacy report written to {json_path} (and {REPORT_PNG}).")
+            for where in directories:
+                json_path, png_path = write_report(built, where, self._ledger)
+                rank_zero_info(f"PrivacyBudget: privacy report written to {json_path} and {png_path.name}.")
             if show:
                 print_report(built)
         return built
@@ -505,6 +536,7 @@ class PrivacyBudget(Callback):
             # For `python -m lightning_dp report CHECKPOINT`: the facts behind the guarantee.
             "safety_checks": safety_checks(self._strategy) if self._strategy is not None else None,
             "ledger_verified": self.ledger_verified,
+            "marks": {"resumed_at": list(self.resumed_at), "budget_changes": [list(c) for c in self.budget_changes]},
         }
         # Each field with a digest of its value and the run's identity: an edited ledger is
         # refused on resume (lightning_dp.integrity).
@@ -525,6 +557,9 @@ class PrivacyBudget(Callback):
         loaded = PrivacyHistory()
         loaded.load_state_dict(state_dict["history"])
         self._absorb(loaded, source="the checkpoint")
+        marks = state_dict.get("marks") or {}
+        self.resumed_at = [int(s) for s in marks.get("resumed_at", [])] + [loaded.steps]
+        self.budget_changes = [(int(s), None if e is None else float(e)) for s, e in marks.get("budget_changes", [])]
         self._adopt_targets(state_dict)
 
     def _accept_unverified(self, why: str) -> None:
@@ -642,6 +677,30 @@ def _audit_of(trainer: pl.Trainer) -> Optional[PrivacyAudit]:
     return audits[0] if audits else None
 
 
+def _artefact_dirs(trainer: Optional[pl.Trainer]) -> list[Path]:
+    """Where a run's report goes: each logger's log directory (several loggers: each gets it),
+    else the Trainer's default_root_dir."""
+    if trainer is None:
+        return []
+    found: list[Path] = []
+    for logger in trainer.loggers:
+        where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        if where is not None and Path(where) not in found:
+            found.append(Path(where))
+    return found or [Path(trainer.default_root_dir)]
+
+
+def _plan_text(trainer: pl.Trainer) -> str:
+    parts = []
+    if trainer.max_epochs not in (None, -1):
+        parts.append(f"max_epochs={trainer.max_epochs}")
+    if trainer.max_steps != -1:
+        parts.append(f"max_steps={trainer.max_steps}")
+    if trainer.limit_train_batches not in (None, 1.0):
+        parts.append(f"limit_train_batches={trainer.limit_train_batches}")
+    return ", ".join(parts) or "no end set"
+
+
 def _private_steps_progress(trainer: pl.Trainer, max_steps: Optional[int] = None) -> tuple[float, float]:
     """(steps taken, steps still planned) in units of private steps.
 
@@ -667,3 +726,25 @@ def _private_steps_progress(trainer: pl.Trainer, max_steps: Optional[int] = None
     if max_steps != -1:
         left = min(left, max_steps - trainer.global_step)
     return batches.total.processed, max(left, 0)
+
+
+def _declare_delta_required(init: Any) -> None:
+    """Give ``PrivacyBudget.__init__`` the signature its callers must honour: ``delta`` is required.
+
+    It has a default of ``None`` in the code only because it follows the optional ``epsilon``
+    positionally (``PrivacyBudget(3.0, 1e-5)`` keeps working). Parsers that read signatures
+    (LightningCLI's jsonargparse) then reject a configuration without ``delta`` when they parse
+    it, with one line that names it, instead of failing deep inside instantiation."""
+    signature = inspect.signature(init)
+    params, keyword_only = [], False
+    for p in signature.parameters.values():
+        if p.name == "delta":
+            keyword_only = True
+            p = p.replace(default=inspect.Parameter.empty, annotation="float")
+        if keyword_only and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            p = p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        params.append(p)
+    init.__signature__ = signature.replace(parameters=params)
+
+
+_declare_delta_required(PrivacyBudget.__init__)

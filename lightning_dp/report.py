@@ -31,8 +31,9 @@ __all__ = ["REPORT_JSON", "REPORT_PNG", "build_report", "print_report", "write_r
 REPORT_JSON = "privacy_report.json"
 REPORT_PNG = "privacy_report.png"
 
-#: Points of the epsilon-over-steps curve: each is one accountant query (PRV: ~0.1-0.3 s).
-_CURVE_POINTS = 6
+#: Steps where the report's epsilon curve is the accountant's own figure (one query each, PRV:
+#: ~0.1-0.8 s); between them the figure plotted is an upper bound (spend_table.step_curve).
+_CURVE_POINTS = 8
 _FPRS = (0.001, 0.01)
 
 _ACCOUNTANT_ERROR = {
@@ -125,6 +126,9 @@ def build_report(
         "safety_checks": checks,
         "stopped_reason": budget.stopped_reason,
         "ledger_verified": budget.ledger_verified,
+        "run_id": budget.run_id,
+        "resumed_at": list(budget.resumed_at),
+        "budget_changes": [list(c) for c in budget.budget_changes],
         "versions": _versions(),
     }
     return _finite(report)
@@ -134,10 +138,18 @@ def write_report(report: dict[str, Any], directory: Union[str, Path], history: O
                  ) -> tuple[Path, Path]:
     """Write ``privacy_report.json`` and ``privacy_report.png`` into ``directory`` (created if
     missing) and return their paths. The figure's ROC bound is drawn from ``history`` (the
-    ledger the report was built from; rebuilt from the report's segments when omitted)."""
+    ledger the report was built from; rebuilt from the report's segments when omitted).
+
+    Another run's report is never overwritten: when ``directory`` holds the report of another run
+    (another ``run_id``), the files are named ``privacy_report_<run id>.json`` and ``.png``. The
+    same run (resumed) updates its own."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / REPORT_JSON, directory / REPORT_PNG
+    if json_path.exists() and _run_of(json_path) != report.get("run_id"):
+        tag = str(report.get("run_id") or "unknown")[:12]
+        json_path = directory / f"{json_path.stem}_{tag}.json"
+        png_path = directory / f"{png_path.stem}_{tag}.png"
     json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if history is None:
         history = PrivacyHistory([(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in report["segments"]])
@@ -203,7 +215,10 @@ def _epsilon_curve(history: PrivacyHistory, delta: float, accountant: str) -> li
     total = history.steps
     if total == 0:
         return [[0, 0.0]]
-    marks = sorted({int(round(x)) for x in np.linspace(0, total, _CURVE_POINTS)})
+    # Denser early, where epsilon grows fastest; the last step, and where the noise or rate changed.
+    marks = {math.ceil(total * (j / _CURVE_POINTS) ** 2) for j in range(_CURVE_POINTS + 1)}
+    marks |= {int(n) for n in np.cumsum([n for _, _, n in history.segments])}
+    marks = sorted(marks)
     return [[n, compute_epsilon(_prefix(history, n), delta, accountant)] for n in marks]  # type: ignore[arg-type]
 
 
@@ -225,24 +240,49 @@ def _plot(report: dict[str, Any], history: PrivacyHistory, path: Path) -> None:
     from matplotlib.figure import Figure
 
     from lightning_dp.risk import tpr_bound
+    from lightning_dp.spend_table import step_curve
 
     # A bare Figure (not pyplot) leaves the user's pyplot state and backend untouched.
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_eps, ax_roc = fig.subplots(1, 2)
-    curve = [(n, e) for n, e in report["epsilon_curve"] if isinstance(e, (int, float))]
-    if curve:
-        ax_eps.plot(*zip(*curve), marker="o", label=f"epsilon ({report['accountant']})")
-    if isinstance(report["epsilon_budget"], (int, float)):
+    exact = [(int(n), float(e)) for n, e in report["epsilon_curve"] if isinstance(e, (int, float))]
+    if history.steps:
+        steps, lower, upper = step_curve(history, report["delta"], exact)
+        ax_eps.fill_between(steps, lower, upper, step="post", color="tab:blue", alpha=0.25, linewidth=0,
+                            label="epsilon after each step lies here")
+    if exact:
+        ax_eps.plot(*zip(*exact), "o-", color="tab:blue", markersize=4, linewidth=1,
+                    label=f"the accountant's figure ({report['accountant']})")
+    boundaries = np.cumsum([s["steps"] for s in report["segments"]])[:-1]
+    for k, step in enumerate(boundaries):
+        ax_eps.axvline(step, color="grey", linestyle=":", label="noise or sample rate changed" if k == 0 else None)
+    for k, step in enumerate(report.get("resumed_at") or []):
+        ax_eps.axvline(step, color="tab:green", linestyle="--", label="resumed" if k == 0 else None)
+    changes = report.get("budget_changes") or []
+    if changes:
+        xs = [c[0] for c in changes] + [max(history.steps, changes[-1][0])]
+        ys = [c[1] for c in changes]
+        ax_eps.step(xs, ys + ys[-1:], where="post", color="tab:red", linestyle="--", label="budget")
+    elif isinstance(report["epsilon_budget"], (int, float)):
         ax_eps.axhline(report["epsilon_budget"], color="tab:red", linestyle="--", label="budget")
     ax_eps.set(xlabel="private steps", ylabel=f"epsilon at delta={report['delta']:g}", title="Privacy spent")
-    ax_eps.legend()
-    fpr = np.linspace(0.0, 1.0, 201)
+    ax_eps.legend(fontsize="small")
+    # Log axes: the low false-positive rates where membership inference matters (0.1%) are visible.
+    fpr = np.logspace(-5, 0, 201)
     ax_roc.plot(fpr, np.asarray(tpr_bound(history, fpr), dtype=float), label="the most any attack can reach")
-    ax_roc.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1),
-               title="Membership inference: ROC bound")
-    ax_roc.legend(loc="lower right")
+    ax_roc.plot(fpr, fpr, color="grey", linestyle=":", label="chance")
+    ax_roc.axvline(1e-3, color="lightgrey", linewidth=0.8)
+    ax_roc.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate",
+               xlim=(1e-5, 1), ylim=(1e-5, 1.05), title="Membership inference: ROC bound")
+    ax_roc.legend(loc="lower right", fontsize="small")
     fig.savefig(path, dpi=100)
+
+
+def _run_of(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _versions() -> dict[str, str]:

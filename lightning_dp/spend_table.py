@@ -121,3 +121,34 @@ class SpendTable:
         the plan."""
         i = self._next(max(int(k), 0))
         return None if i is None or not self.grid_risk else self.grid_risk[i]
+
+
+def step_curve(history: PrivacyHistory, delta: float, exact: Sequence[tuple[int, float]],
+               max_points: int = 2000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bounds on epsilon after every step of ``history`` (at most ``max_points`` evenly spaced
+    steps), for plots, from the accountant's figures at the ``exact`` ``(step, epsilon)`` points
+    and the RDP bound of each step: ``(steps, lower, upper)``. Epsilon only grows with steps, so
+    at each step it lies between the figure at the previous exact point and the smaller of the
+    next one's and the step's RDP bound."""
+    total = history.steps
+    steps = np.unique(np.linspace(0, total, min(total, max_points) + 1).round().astype(int))
+    curve = np.zeros(len(RDP_ORDERS))
+    rdp = np.zeros(len(steps))
+    done, i = 0, 0
+    for sigma, q, n in history.segments:
+        one = rdp_curve([(sigma, q, 1)])
+        while i < len(steps) and steps[i] <= done + n:
+            rdp[i] = rdp_to_epsilon(curve + (steps[i] - done) * one, delta) if steps[i] else 0.0
+            i += 1
+        curve = curve + n * one
+        done += n
+    marks = sorted(exact)
+    at = np.asarray([m[0] for m in marks])
+    values = np.asarray([m[1] for m in marks], dtype=np.float64)
+    upper = rdp.copy()
+    nxt = np.searchsorted(at, steps, side="left")
+    known = nxt < len(at)
+    upper[known] = np.minimum(rdp[known], values[nxt[known]])
+    prev = np.searchsorted(at, steps, side="right") - 1
+    lower = np.where(prev >= 0, values[np.clip(prev, 0, None)] if len(values) else 0.0, 0.0)
+    return steps, np.minimum(lower, upper), upper

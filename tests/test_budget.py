@@ -298,3 +298,21 @@ def test_resuming_with_a_larger_epsilon_or_another_delta_warns() -> None:
         warnings.simplefilter("error")
         same.load_state_dict(state)
     assert same.steps == 100
+
+
+def test_logging_every_step_costs_no_accountant_query_per_step(tmp_path: Path) -> None:
+    from lightning_dp.accounting import _epsilon
+    from lightning_dp.risk import _profile
+
+    def queries(steps: int) -> int:
+        _epsilon.cache_clear()
+        _profile.cache_clear()
+        t = trainer(max_steps=steps, logger=TensorBoardLogger(tmp_path, name=f"run{steps}"), log_every_n_steps=1,
+                    strategy=DPStrategy(noise_multiplier=1.0), callbacks=[PrivacyBudget(epsilon=50.0, delta=DELTA,
+                                                                                        report=False)])
+        t.fit(Classifier(), loader(make_dataset(n=64), batch_size=8))
+        assert len(tensorboard_scalars(tmp_path / f"run{steps}")["dp/epsilon"]) == steps
+        return _epsilon.cache_info().misses + _profile.cache_info().misses
+
+    short, long = queries(10), queries(60)
+    assert long <= short + 2  # the plan's table, not a query per logged step

@@ -44,3 +44,84 @@ def test_bad_arguments_exit_with_a_message(args: list[str], capsys: pytest.Captu
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_planning_commands_never_import_torch_and_give_the_full_imports_figure() -> None:
+    # -X importtime lists every module the command imports, on standard error.
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "lightning_dp", "epsilon", "--sample-rate", "0.01",
+                          "--steps", "500", "--noise-multiplier", "1.1", "--delta", "1e-5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert "opacus.accountants.prv" in imported
+    assert not {"torch", "lightning", "lightning_dp.strategy"} & imported
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(compute_epsilon([(1.1, 0.01, 500)], 1e-5),
+                                                                      rel=1e-5)
+
+
+def test_dataset_size_batch_size_and_epochs_describe_the_run_as_dpstrategy_trains_it(capsys) -> None:
+    assert main(["epsilon", "--dataset-size", "1000", "--batch-size", "64", "--epochs", "3", "--noise-multiplier", "1.0",
+                 "--delta", "1e-5", "--accountant", "rdp"]) == 0
+    by_size = float(capsys.readouterr().out.strip().splitlines()[-1])
+    # 64 / 1000 per draw, ceil(1000 / 64) = 16 draws per epoch: DPStrategy's loader.
+    assert by_size == pytest.approx(compute_epsilon([(1.0, 64 / 1000, 48)], 1e-5, "rdp"), rel=1e-6)
+    with pytest.raises(SystemExit):
+        main(["epsilon", "--dataset-size", "1000", "--batch-size", "64", "--noise-multiplier", "1", "--delta", "1e-5"])
+    assert "go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["epsilon", "--sample-rate", "0.1", "--steps", "5", "--epochs", "2", "--noise-multiplier", "1",
+              "--delta", "1e-5"])
+    assert "one of the two" in capsys.readouterr().err
+
+
+def test_every_option_has_help_and_its_default() -> None:
+    import argparse
+
+    from lightning_dp.__main__ import _parser
+
+    parser = _parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"epsilon", "noise", "report"}
+    for name, sub in commands.choices.items():
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert f"(default: {action.default})" in text, f"{name}: {action.option_strings} hides its default"
+
+
+def test_a_budget_no_noise_can_meet_is_one_line() -> None:
+    out = cli("noise", "--sample-rate", "1", "--steps", "10", "--epsilon", "1e-4", "--delta", "1e-10",
+              "--accountant", "rdp")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "No noise multiplier" in out.stderr
+
+
+def lightning_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """A LightningCLI script that never imports lightning_dp itself, as users write them."""
+    from pathlib import Path
+
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from lightning.pytorch.cli import LightningCLI\n"
+        "from conftest import Classifier, Data\n"
+        "LightningCLI(Classifier, Data)\n"
+    )
+    common = ["fit", "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+              "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
+    return subprocess.run([sys.executable, str(script), *common, *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_lightning_cli_takes_the_class_paths_without_importing_lightning_dp(tmp_path) -> None:
+    out = lightning_cli(tmp_path, "--trainer.strategy.class_path=lightning_dp.DPStrategy",
+                        "--trainer.callbacks+=lightning_dp.PrivacyBudget", "--trainer.callbacks.epsilon=3",
+                        "--trainer.callbacks.delta=1e-5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "per-sample gradients by the 'ghost' engine" in out.stderr + out.stdout
+    missing = lightning_cli(tmp_path, "--trainer.strategy.class_path=lightning_dp.DPStrategy",
+                            "--trainer.callbacks+=lightning_dp.PrivacyBudget", "--trainer.callbacks.epsilon=3")
+    assert missing.returncode != 0 and "PrivacyBudget needs delta" in missing.stderr

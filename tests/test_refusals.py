@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset, WeightedRandomSampler
 from torch.utils.data.sampler import BatchSampler, SequentialSampler
 
 from conftest import Classifier, loader, make_dataset, trainer
-from lightning_dp import DPStrategy, PrivacyBudget, PrivacyBudgetExhausted
+from lightning_dp import DPStrategy, PrivacyBudget, PrivacyBudgetExhausted, replace_batch_norm
 from lightning_dp.grads import PerSampleGradientMismatch
 from lightning_dp.modules import UnsupportedModuleError
 
@@ -213,6 +213,23 @@ def test_batch_norm_replaced_in_the_module_the_trainer_trains(dataset) -> None:
     assert t.lightning_module is model and t.global_step == 2
     opt_params = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
     assert {id(p) for p in model.net[1].parameters()} <= opt_params
+
+
+class ReloadsWithGroupNorm(WithBatchNorm):
+    def on_load_checkpoint(self, checkpoint) -> None:
+        replace_batch_norm(self)  # the one line: the checkpoint holds GroupNorm weights
+
+
+def test_a_model_trained_with_replaced_batch_norm_reloads_with_one_line(dataset, tmp_path) -> None:
+    model = ReloadsWithGroupNorm()
+    t = fit(model, loader(dataset), replace_batch_norm=True)
+    t.save_checkpoint(tmp_path / "model.ckpt")
+    with pytest.raises(RuntimeError, match="running_mean"):  # without the line: BatchNorm keys missing
+        WithBatchNorm.load_from_checkpoint(tmp_path / "model.ckpt")
+    reloaded = ReloadsWithGroupNorm.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert isinstance(reloaded.net[1], nn.GroupNorm) and reloaded.net[1].num_groups == 1
+    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 class WithLSTM(L.LightningModule):
