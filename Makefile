@@ -25,6 +25,8 @@ demo: venv
 	$(BIN)/python examples/char_gpt.py --canaries 2
 
 test: venv
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -20,30 +20,30 @@ __all__ = [
     "causal_lm_loss",
     "replace_batch_norm",
 ]
-__version__ = "0.2.0"
+from lightning_dp._version import __version__ as __version__
 
 # Where each public name lives. They are imported on first use, so that the command line
 # (`python -m lightning_dp epsilon ...`, which imports this package first) answers without
 # importing Lightning and torch.
 _PUBLIC = {
-    "CanaryExposure": "lightning_dp.canary",
-    "DPDDPStrategy": "lightning_dp.ddp",
-    "DPStrategy": "lightning_dp.strategy",
-    "PrivacyAudit": "lightning_dp.audit",
-    "PrivacyBudget": "lightning_dp.budget",
-    "PrivacyBudgetExhausted": "lightning_dp.budget",
-    "causal_lm_loss": "lightning_dp.losses",
-    "replace_batch_norm": "lightning_dp.modules",
+    "CanaryExposure": "lightning_dp.lightning.canary",
+    "DPDDPStrategy": "lightning_dp.lightning.ddp",
+    "DPStrategy": "lightning_dp.lightning.strategy",
+    "PrivacyAudit": "lightning_dp.lightning.audit",
+    "PrivacyBudget": "lightning_dp.lightning.budget",
+    "PrivacyBudgetExhausted": "lightning_dp.lightning.budget",
+    "causal_lm_loss": "lightning_dp.mechanism.losses",
+    "replace_batch_norm": "lightning_dp.mechanism.modules",
 }
 
 if TYPE_CHECKING:
-    from lightning_dp.audit import PrivacyAudit
-    from lightning_dp.budget import PrivacyBudget, PrivacyBudgetExhausted
-    from lightning_dp.canary import CanaryExposure
-    from lightning_dp.ddp import DPDDPStrategy
-    from lightning_dp.losses import causal_lm_loss
-    from lightning_dp.modules import replace_batch_norm
-    from lightning_dp.strategy import DPStrategy
+    from lightning_dp.lightning.audit import PrivacyAudit
+    from lightning_dp.lightning.budget import PrivacyBudget, PrivacyBudgetExhausted
+    from lightning_dp.lightning.canary import CanaryExposure
+    from lightning_dp.lightning.ddp import DPDDPStrategy
+    from lightning_dp.mechanism.losses import causal_lm_loss
+    from lightning_dp.mechanism.modules import replace_batch_norm
+    from lightning_dp.lightning.strategy import DPStrategy
 
 
 def __getattr__(name: str) -> Any:
@@ -58,10 +58,23 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_PUBLIC])
 
 
+def _located_as_command_line() -> bool:
+    """Whether this import is ``python -m lightning_dp`` locating its ``__main__`` (sys.argv[0] is
+    "-m" until the module is found), not any other ``python -m tool`` that imports us."""
+    if sys.argv[:1] != ["-m"]:
+        return False
+    argv = list(getattr(sys, "orig_argv", []))
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "-m":
+            return i + 1 < len(argv) and argv[i + 1] in ("lightning_dp", "lightning_dp.__main__")
+        if arg.startswith("-m"):
+            return arg[2:] in ("lightning_dp", "lightning_dp.__main__")
+    return False
+
+
 # `Trainer(strategy="dp")` needs the strategies registered with Lightning, which importing them
-# does. Do it now, as before, unless this import is the command line being located
-# (`python -m lightning_dp`: sys.argv[0] is "-m" until the module is found) and Lightning is
-# not loaded anyway.
-if sys.argv[:1] != ["-m"] or "lightning" in sys.modules:
-    from lightning_dp.ddp import DPDDPStrategy  # noqa: E402, F811
-    from lightning_dp.strategy import DPStrategy  # noqa: E402, F811
+# does. Do it now, as before, unless this import is our command line being located and
+# Lightning is not loaded anyway (the planning commands answer without importing torch).
+if not _located_as_command_line() or "lightning" in sys.modules:
+    from lightning_dp.lightning.ddp import DPDDPStrategy  # noqa: E402, F811
+    from lightning_dp.lightning.strategy import DPStrategy  # noqa: E402, F811

@@ -1,9 +1,10 @@
-"""The privacy report: what a run spent, what that means for an attacker, and whether every
-safety check held, as ``privacy_report.json``, a figure (``privacy_report.png``) and a table.
+"""The privacy report: what a run (or any mechanism's history) spent, what that means for an
+attacker, and whether every safety check held, as ``privacy_report.json``, a figure
+(``privacy_report.png``) and a table.
 
-:class:`~lightning_dp.PrivacyBudget` writes it at the end of ``fit`` into the logger's
-directory (``trainer.log_dir``; ``default_root_dir`` without a logger) and on demand with
-``budget.report(trainer)``; ``python -m lightning_dp report CHECKPOINT`` prints it from a
+It renders a plain :class:`PrivacyRecord` and knows nothing of Lightning:
+:class:`~lightning_dp.PrivacyBudget` hands it one at the end of ``fit`` (and on demand,
+``budget.report(trainer)``), ``python -m lightning_dp report CHECKPOINT`` one read from a
 checkpoint.
 """
 
@@ -13,20 +14,18 @@ import importlib.metadata
 import json
 import math
 import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
-from lightning_dp.accounting import PrivacyHistory, compute_epsilon
-from lightning_dp.sampling import is_poisson_dataloader
+from lightning_dp.core.accounting import compute_epsilon
+from lightning_dp.core.events import event_from_dict, event_to_dict
+from lightning_dp.core.history import PrivacyHistory
 
-if TYPE_CHECKING:
-    from lightning_dp.audit import AuditResult
-    from lightning_dp.budget import PrivacyBudget
-    from lightning_dp.strategy import _PrivateTraining
-
-__all__ = ["REPORT_JSON", "REPORT_PNG", "build_report", "print_report", "write_report"]
+__all__ = ["REPORT_JSON", "REPORT_PNG", "PrivacyRecord", "build_report", "print_report", "write_report"]
 
 REPORT_JSON = "privacy_report.json"
 REPORT_PNG = "privacy_report.png"
@@ -46,37 +45,39 @@ _ACCOUNTANT_ERROR = {
 }
 
 
-def safety_checks(strategy: _PrivateTraining) -> dict[str, Any]:
-    """The facts behind the guarantee, read from a DP strategy after its fit started:
-    Poisson sampling of the training loader, secure mode, and the per-sample gradient check.
+@dataclass(frozen=True)
+class PrivacyRecord:
+    """Everything the report shows, as plain data.
 
-    ``passed`` is true only when the loader was Poisson-sampled and the per-sample gradients
-    were verified on at least one example (a failed check stops ``fit``, so a verified check
-    that let training run passed). The manual-optimization path checks on its first draw of
-    two or more examples: a run that never drew two is not verified.
+    Attributes:
+        history: the mechanisms that ran.
+        delta, accountant: how epsilon is reported.
+        epsilon_budget, max_advantage, max_tpr_at_fpr, kappa: the budget's targets.
+        noise_multiplier: the noise in force (shown when the history is empty).
+        safety_checks: the facts behind the guarantee (a strategy's ``safety_checks()``).
+        audit: an audit's result as a dict, or ``None``.
+        stopped_reason, run_id, resumed_at, budget_changes, ledger_verified: the run's story.
     """
-    loader = strategy.train_dataloader
-    poisson = loader is not None and is_poisson_dataloader(loader)
-    check = strategy.grad_check
-    verified = bool(check and check.get("verified") and check.get("examples"))
-    return {
-        "poisson_sampling": poisson,
-        "secure_mode": bool(strategy.secure_mode),
-        "per_sample_gradient_check": None if check is None else dict(check),
-        # Whether any example's gradient was not finite (NaN or inf in its data or loss) so that it
-        # contributed nothing. Only whether: the count is a statistic of the private data (the
-        # training log's warning gives it to the data's owner).
-        "non_finite_examples_dropped": bool(getattr(strategy, "non_finite_examples_total", 0)),
-        "passed": bool(poisson and verified),
-    }
+
+    history: PrivacyHistory
+    delta: float
+    accountant: str = "prv"
+    epsilon_budget: Optional[float] = None
+    max_advantage: Optional[float] = None
+    max_tpr_at_fpr: Mapping[float, float] = field(default_factory=dict)
+    kappa: Optional[float] = None
+    noise_multiplier: Optional[float] = None
+    safety_checks: Optional[dict[str, Any]] = None
+    audit: Optional[dict[str, Any]] = None
+    stopped_reason: Optional[str] = None
+    run_id: Optional[str] = None
+    resumed_at: Sequence[int] = ()
+    budget_changes: Sequence[tuple[int, Optional[float]]] = ()
+    ledger_verified: bool = True
 
 
-def build_report(
-    budget: PrivacyBudget,
-    audit: Optional[AuditResult] = None,
-    checks: Optional[dict[str, Any]] = None,
-) -> dict[str, Any]:
-    """The privacy report of ``budget``'s ledger as a JSON-serialisable dict.
+def build_report(record: PrivacyRecord) -> dict[str, Any]:
+    """The privacy report of ``record`` as a JSON-serialisable dict.
 
     Keys: ``epsilon`` (spent), ``epsilon_budget`` (and the risk targets ``max_advantage``,
     ``max_tpr_at_fpr``; ``None`` when not set), ``delta``, ``accountant``,
@@ -84,51 +85,55 @@ def build_report(
     in force), ``steps``, ``segments``, ``epsilon_curve`` (``[steps, epsilon]`` pairs),
     ``risk`` (``advantage``, ``tpr_at_fpr`` keyed by the FPR as a string, ``reconstruction``,
     ``kappa``), ``audit`` (``None`` when no audit ran), ``safety_checks`` (``None`` when not
-    known), ``stopped_reason`` and ``versions``. A non-finite number is written as the string
+    known), ``stopped_reason``, ``ledger_verified``, ``run_id``, ``resumed_at``,
+    ``budget_changes`` and ``versions``. A non-finite number is written as the string
     ``"inf"`` / ``"nan"`` so that the file stays strict JSON.
 
     Example:
-        >>> from lightning_dp import PrivacyBudget
-        >>> budget = PrivacyBudget(epsilon=3.0, delta=1e-5, accountant="rdp")
-        >>> budget.history.record(1.0, 0.01, 100)
-        >>> report = build_report(budget)
+        >>> history = PrivacyHistory([(1.0, 0.01, 100)])
+        >>> report = build_report(PrivacyRecord(history, delta=1e-5, accountant="rdp", epsilon_budget=3.0))
         >>> report["steps"], report["noise_multiplier"], round(report["epsilon"], 3)
         (100, 1.0, 1.214)
     """
-    from lightning_dp.risk import privacy_risk
+    from lightning_dp.core.risk import privacy_risk
 
-    history = budget.history
-    segments = history.segments
-    sigma = segments[-1][0] if segments else budget.noise_multiplier
-    q = segments[-1][1] if segments else None
-    targets = dict(budget.max_tpr_at_fpr or {})
-    risk = privacy_risk(history, fprs=sorted({*_FPRS, *map(float, targets)}), kappa=budget.kappa)
+    history = record.history
+    last = history.entries[-1].event if history.entries else None
+    sigma = getattr(last, "noise_multiplier", None) if last is not None else record.noise_multiplier
+    if last is not None and last.kind == "non_private":
+        sigma = 0.0
+    q = getattr(last, "sample_rate", None)
+    targets = dict(record.max_tpr_at_fpr or {})
+    try:
+        risk: Optional[Any] = privacy_risk(history, fprs=sorted({*_FPRS, *map(float, targets)}), kappa=record.kappa)
+    except ValueError:  # a history known only by Renyi-DP curves has no privacy profile
+        risk = None
     report = {
-        "epsilon": budget.epsilon_spent,
-        "epsilon_budget": budget.epsilon,
-        "max_advantage": budget.max_advantage,
+        "epsilon": compute_epsilon(history, record.delta, record.accountant),  # type: ignore[arg-type]
+        "epsilon_budget": record.epsilon_budget,
+        "max_advantage": record.max_advantage,
         "max_tpr_at_fpr": {f"{float(fpr):g}": tpr for fpr, tpr in targets.items()} or None,
-        "delta": budget.delta,
-        "accountant": budget.accountant,
-        "accountant_error": _ACCOUNTANT_ERROR[budget.accountant],
+        "delta": record.delta,
+        "accountant": record.accountant,
+        "accountant_error": _ACCOUNTANT_ERROR[record.accountant],
         "noise_multiplier": sigma,
         "sample_rate": q,
         "steps": history.steps,
-        "segments": [{"noise_multiplier": s, "sample_rate": r, "steps": n} for s, r, n in segments],
-        "epsilon_curve": _epsilon_curve(history, budget.delta, budget.accountant),
-        "risk": {
+        "segments": [{"mechanism": e.event.kind, **_fields(e.event), "steps": e.count} for e in history.entries],
+        "epsilon_curve": _epsilon_curve(history, record.delta, record.accountant),
+        "risk": None if risk is None else {
             "advantage": risk.advantage,
             "tpr_at_fpr": {f"{float(fpr):g}": tpr for fpr, tpr in risk.tpr_at_fpr.items()},
             "reconstruction": risk.reconstruction,
             "kappa": risk.kappa,
         },
-        "audit": None if audit is None else audit.to_dict(),
-        "safety_checks": checks,
-        "stopped_reason": budget.stopped_reason,
-        "ledger_verified": budget.ledger_verified,
-        "run_id": budget.run_id,
-        "resumed_at": list(budget.resumed_at),
-        "budget_changes": [list(c) for c in budget.budget_changes],
+        "audit": record.audit,
+        "safety_checks": record.safety_checks,
+        "stopped_reason": record.stopped_reason,
+        "ledger_verified": record.ledger_verified,
+        "run_id": record.run_id,
+        "resumed_at": list(record.resumed_at),
+        "budget_changes": [list(c) for c in record.budget_changes],
         "versions": _versions(),
     }
     return _finite(report)
@@ -152,7 +157,11 @@ def write_report(report: dict[str, Any], directory: Union[str, Path], history: O
         png_path = directory / f"{png_path.stem}_{tag}.png"
     json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if history is None:
-        history = PrivacyHistory([(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in report["segments"]])
+        history = PrivacyHistory()
+        for entry in report["segments"]:
+            fields = {k: v for k, v in entry.items() if k not in ("mechanism", "steps")}
+            history.append(event_from_dict({"kind": entry.get("mechanism", "sampled_gaussian"), **fields}),
+                           int(entry["steps"]))
     _plot(report, history, png_path)
     return json_path, png_path
 
@@ -176,7 +185,7 @@ def print_report(report: dict[str, Any], console: Optional[Any] = None) -> None:
     table.add_row("noise multiplier", _fmt(report["noise_multiplier"]))
     table.add_row("sample rate", _fmt(report["sample_rate"]))
     table.add_row("steps", f"{report['steps']} in {len(report['segments'])} segment(s)")
-    risk = report["risk"]
+    risk = report["risk"] or {"advantage": "- (no privacy profile: Renyi-DP charges)", "tpr_at_fpr": {}}
     table.add_row("membership advantage (bound)", _fmt(risk["advantage"]))
     for fpr, tpr in risk["tpr_at_fpr"].items():
         table.add_row(f"TPR at FPR {fpr} (bound)", _fmt(tpr))
@@ -217,20 +226,8 @@ def _epsilon_curve(history: PrivacyHistory, delta: float, accountant: str) -> li
         return [[0, 0.0]]
     # Denser early, where epsilon grows fastest; the last step, and where the noise or rate changed.
     marks = {math.ceil(total * (j / _CURVE_POINTS) ** 2) for j in range(_CURVE_POINTS + 1)}
-    marks |= {int(n) for n in np.cumsum([n for _, _, n in history.segments])}
-    marks = sorted(marks)
-    return [[n, compute_epsilon(_prefix(history, n), delta, accountant)] for n in marks]  # type: ignore[arg-type]
-
-
-def _prefix(history: PrivacyHistory, steps: int) -> PrivacyHistory:
-    """The ledger of the first ``steps`` steps."""
-    out = PrivacyHistory()
-    for sigma, q, n in history.segments:
-        take = min(n, steps - out.steps)
-        if take <= 0:
-            break
-        out.record(sigma, q, take)
-    return out
+    marks |= {int(n) for n in np.cumsum([e.count for e in history.entries])}
+    return [[n, compute_epsilon(history.prefix(n), delta, accountant)] for n in sorted(marks)]  # type: ignore[arg-type]
 
 
 def _plot(report: dict[str, Any], history: PrivacyHistory, path: Path) -> None:
@@ -239,8 +236,8 @@ def _plot(report: dict[str, Any], history: PrivacyHistory, path: Path) -> None:
     matplotlib.use("Agg", force=False)  # no display here; a backend the user already chose is kept
     from matplotlib.figure import Figure
 
-    from lightning_dp.risk import tpr_bound
-    from lightning_dp.spend_table import step_curve
+    from lightning_dp.core.risk import tpr_bound
+    from lightning_dp.core.spend_table import step_curve
 
     # A bare Figure (not pyplot) leaves the user's pyplot state and backend untouched.
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -269,13 +266,18 @@ def _plot(report: dict[str, Any], history: PrivacyHistory, path: Path) -> None:
     ax_eps.legend(fontsize="small")
     # Log axes: the low false-positive rates where membership inference matters (0.1%) are visible.
     fpr = np.logspace(-5, 0, 201)
-    ax_roc.plot(fpr, np.asarray(tpr_bound(history, fpr), dtype=float), label="the most any attack can reach")
+    if report["risk"] is not None:
+        ax_roc.plot(fpr, np.asarray(tpr_bound(history, fpr), dtype=float), label="the most any attack can reach")
     ax_roc.plot(fpr, fpr, color="grey", linestyle=":", label="chance")
     ax_roc.axvline(1e-3, color="lightgrey", linewidth=0.8)
     ax_roc.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate",
                xlim=(1e-5, 1), ylim=(1e-5, 1.05), title="Membership inference: ROC bound")
     ax_roc.legend(loc="lower right", fontsize="small")
     fig.savefig(path, dpi=100)
+
+
+def _fields(event: Any) -> dict[str, Any]:
+    return {k: v for k, v in event_to_dict(event).items() if k != "kind"}
 
 
 def _run_of(path: Path) -> Any:
@@ -286,7 +288,7 @@ def _run_of(path: Path) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    from lightning_dp import __version__
+    from lightning_dp._version import __version__
 
     versions = {"lightning_dp": __version__, "python": platform.python_version()}
     for dist in ("torch", "lightning", "opacus", "dp-accounting", "numpy", "scipy"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import pytest
@@ -122,6 +122,20 @@ def _seed() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _reproducible_entropy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library seeds its noise and Poisson draws from OS entropy (secrets.randbits), so no
+    run replays another's. In this process, tests draw that "entropy" from a generator seeded by
+    the test's name instead: every call still gets a fresh value (streams, fits and steps still
+    differ), and a statistical test passes or fails the same way every time. Subprocess tests
+    (tests/noise_run.py, tests/ddp_run.py) use the real OS entropy."""
+    import random
+    import secrets
+
+    generator = random.Random(request.node.nodeid)
+    monkeypatch.setattr(secrets, "randbits", generator.getrandbits)
+
+
+@pytest.fixture(autouse=True)
 def _run_in_tmp_path(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Trainers without a logger write lightning_logs/ and privacy_report.* into the working
     # directory: keep them out of the checkout.
@@ -181,3 +195,12 @@ def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(files[0].parent))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture
+def no_spot_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No spot check during training (they call training_step at random steps): for tests that
+    count the calls of training_step or of the transfer hooks."""
+    import lightning_dp.lightning.private_step as private_step
+
+    monkeypatch.setattr(private_step, "SPOT_CHECK_EVERY", 1 << 62)

@@ -18,7 +18,7 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 
-from lightning_dp.accounting import PrivacyHistory, calibrate_noise, compute_epsilon, max_steps
+from lightning_dp.core.accounting import PrivacyHistory, calibrate_noise, compute_epsilon, max_steps
 
 DELTA = 1e-5
 PRV_ERROR = 0.01  # the eps_error the PRV accountant is queried with: its stated accuracy

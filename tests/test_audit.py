@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_dp.audit import audit_p_value, epsilon_lower_bound
+from lightning_dp.lightning.audit import audit_p_value, epsilon_lower_bound
 
 
 @pytest.mark.parametrize(
@@ -52,11 +52,11 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset  # noqa: E402
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset  # noqa: E402
 
 from conftest import Batches, Classifier, pld_epsilon, trainer  # noqa: E402
 from lightning_dp import DPStrategy, PrivacyAudit, PrivacyBudget  # noqa: E402
-from lightning_dp.accounting import compute_epsilon  # noqa: E402
+from lightning_dp.core.accounting import compute_epsilon  # noqa: E402
 
 # Canaries a model can memorise: random labels on nearly orthogonal inputs (d >> examples),
 # so training on one barely moves the loss of another.

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from conftest import Classifier, loader, make_dataset, pld_epsilon, tensorboard_scalars, trainer
 from lightning_dp import DPStrategy, PrivacyBudget
-from lightning_dp.accounting import compute_epsilon
+from lightning_dp.core.accounting import compute_epsilon
 
 DELTA = 1e-5
 
@@ -301,8 +301,8 @@ def test_resuming_with_a_larger_epsilon_or_another_delta_warns() -> None:
 
 
 def test_logging_every_step_costs_no_accountant_query_per_step(tmp_path: Path) -> None:
-    from lightning_dp.accounting import _epsilon
-    from lightning_dp.risk import _profile
+    from lightning_dp.core.accounting import _epsilon
+    from lightning_dp.core.risk import _profile
 
     def queries(steps: int) -> int:
         _epsilon.cache_clear()

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 
 from lightning_dp import CanaryExposure, DPStrategy, PrivacyBudget
-from lightning_dp.canary import next_token_log_likelihood
+from lightning_dp.lightning.canary import next_token_log_likelihood
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare" / "tempest.txt"
 BLOCK = 24  # bytes a model reads per example; an example is BLOCK + 1 bytes

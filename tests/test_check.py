@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import Classifier, loader, make_dataset, trainer
 from lightning_dp import DPStrategy
-from lightning_dp.grads import PerSampleGradientMismatch, check_per_sample_grads, make_engine
-from lightning_dp.grads.check import LossNotPerExample, no_dropout
-from lightning_dp.grads.engine import Materialized
+from lightning_dp.mechanism.grads.check import PerSampleGradientMismatch, check_per_sample_grads
+from lightning_dp.mechanism.grads.registry import make_engine
+from lightning_dp.mechanism.grads.check import LossNotPerExample, no_dropout
+from lightning_dp.mechanism.grads.engine import Materialized
 
 ENGINES = ["auto", "ghost", "hooks", "functorch", "loop"]
 
@@ -247,9 +248,9 @@ class MixesAfterWarmUp(Classifier):
 
 
 def test_a_loss_that_starts_mixing_mid_run_is_caught_by_a_spot_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_dp.strategy as strategy_module
+    import lightning_dp.lightning.private_step as private_step
 
-    monkeypatch.setattr(strategy_module, "_SPOT_CHECK_EVERY", 1)  # a spot check at every step
+    monkeypatch.setattr(private_step, "SPOT_CHECK_EVERY", 1)  # a spot check at every step
     t = trainer(max_steps=10, strategy=DPStrategy(noise_multiplier=1.0))
     with pytest.raises(LossNotPerExample, match="At step 3 .*spot check"):
         t.fit(MixesAfterWarmUp(), loader(make_dataset()))
@@ -281,7 +282,7 @@ def test_a_buffer_updated_from_the_data_in_training_step_is_refused() -> None:
 
 
 def test_a_user_built_poisson_loader_is_refused() -> None:
-    from lightning_dp.sampling import poisson_dataloader
+    from lightning_dp.mechanism.sampling import poisson_dataloader
 
     with pytest.raises(TypeError, match="already Poisson-sampled"):
         fit(Classifier(), poisson_dataloader(loader(make_dataset())))

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import pld_epsilon
-from lightning_dp.__main__ import main
-from lightning_dp.accounting import compute_epsilon
+from lightning_dp.cli import main
+from lightning_dp.core.accounting import compute_epsilon
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -54,7 +54,7 @@ def test_planning_commands_never_import_torch_and_give_the_full_imports_figure()
     assert out.returncode == 0, out.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     assert "opacus.accountants.prv" in imported
-    assert not {"torch", "lightning", "lightning_dp.strategy"} & imported
+    assert not {"torch", "lightning", "lightning_dp.lightning.strategy"} & imported
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(compute_epsilon([(1.1, 0.01, 500)], 1e-5),
                                                                       rel=1e-5)
 
@@ -77,7 +77,7 @@ def test_dataset_size_batch_size_and_epochs_describe_the_run_as_dpstrategy_train
 def test_every_option_has_help_and_its_default() -> None:
     import argparse
 
-    from lightning_dp.__main__ import _parser
+    from lightning_dp.cli import _parser
 
     parser = _parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -125,3 +125,41 @@ def test_lightning_cli_takes_the_class_paths_without_importing_lightning_dp(tmp_
     missing = lightning_cli(tmp_path, "--trainer.strategy.class_path=lightning_dp.DPStrategy",
                             "--trainer.callbacks+=lightning_dp.PrivacyBudget", "--trainer.callbacks.epsilon=3")
     assert missing.returncode != 0 and "PrivacyBudget needs delta" in missing.stderr
+
+
+def test_main_called_from_python_leaves_the_real_opacus_importable() -> None:
+    # The planning commands load Opacus's accountants behind a placeholder `opacus` package (no
+    # torch); a process that goes on afterwards must still import the real one.
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['-m', 'epsilon', '--sample-rate', '0.01', '--steps', '100', '--noise-multiplier', '1.0',"
+        " '--delta', '1e-5']\n"
+        "sys.orig_argv = [sys.executable, '-m', 'lightning_dp', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_module('lightning_dp', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code == 0\n"
+        "assert 'torch' not in sys.modules\n"
+        "from opacus import PrivacyEngine\n"
+        "from opacus.optimizers import DPOptimizer\n"
+        "assert hasattr(DPOptimizer, 'step'), DPOptimizer\n"
+        "from lightning_dp.core.accounting import compute_epsilon\n"
+        "print(compute_epsilon([(1.0, 0.01, 100)], 1e-5))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split()[-1]) == pytest.approx(compute_epsilon([(1.0, 0.01, 100)], 1e-5))
+
+
+def test_another_tool_run_with_python_m_gets_the_strategies_registered(tmp_path) -> None:
+    # `python -m mytool`, whose package imports lightning_dp, has sys.argv[0] == "-m" too.
+    (tmp_path / "mytool").mkdir()
+    (tmp_path / "mytool" / "__init__.py").write_text("import lightning_dp\n")
+    (tmp_path / "mytool" / "__main__.py").write_text(
+        "import lightning as L\n"
+        "t = L.Trainer(strategy='dp', accelerator='cpu', logger=False, enable_checkpointing=False)\n"
+        "print(type(t.strategy).__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-m", "mytool"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "DPStrategy"

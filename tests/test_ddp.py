@@ -11,7 +11,7 @@ import torch
 
 from conftest import Classifier, clipped_sum, per_example_grads, pld_epsilon
 from lightning_dp import DPDDPStrategy
-from lightning_dp.accounting import compute_epsilon
+from lightning_dp.core.accounting import compute_epsilon
 
 SCRIPT = Path(__file__).resolve().parent / "ddp_run.py"
 pytestmark = pytest.mark.slow

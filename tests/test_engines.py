@@ -296,7 +296,8 @@ class StridedConv(ConvGroupNorm):
 
 @pytest.mark.parametrize("engine", ["ghost", "hooks"])
 def test_conv_ghost_rule_matches_per_example_gradients(engine: str) -> None:
-    from lightning_dp.grads import GhostEngine, make_engine
+    from lightning_dp.mechanism.grads.ghost import GhostEngine
+    from lightning_dp.mechanism.grads.registry import make_engine
 
     model = StridedConv()
     data = image_data(6)

@@ -13,8 +13,8 @@ import torch
 
 from conftest import Classifier, loader, make_dataset, trainer
 from lightning_dp import DPStrategy, PrivacyBudget
-from lightning_dp.accounting import compute_epsilon
-from lightning_dp.integrity import KEY_VARIABLE
+from lightning_dp.core.accounting import compute_epsilon
+from lightning_dp.core.integrity import KEY_VARIABLE
 
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_v0_1.ckpt"
 
@@ -168,3 +168,57 @@ def test_the_report_command_refuses_a_tampered_checkpoint(tmp_path: Path) -> Non
     path = edited(tmp_path, larger_sigma)
     proc = subprocess.run([sys.executable, "-m", "lightning_dp", "report", str(path)], capture_output=True, text=True)
     assert proc.returncode != 0 and "'history'" in proc.stderr
+
+
+class AdapterOnly(Classifier):
+    """The usual LoRA/adapter pattern: a frozen base, left out of checkpoints and of strict loading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[0].requires_grad_(False)
+        self.strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("net.0.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"]["net.0.weight"] = self.net[0].weight.detach().clone()  # a hook that adds back
+
+
+def test_a_module_that_trims_its_checkpoint_resumes_and_its_report_verifies(tmp_path: Path) -> None:
+    # Lightning calls the callbacks' on_save_checkpoint before the module's: the binding must be
+    # over the weights the file holds, and resume must check the file before the module's hook edits it.
+    path = tmp_path / "adapter.ckpt"
+    t = trainer(max_steps=3, strategy=DPStrategy(noise_multiplier=1.0), callbacks=[PrivacyBudget(epsilon=8.0, delta=1e-5)])
+    t.fit(AdapterOnly(), loader(make_dataset()))
+    t.save_checkpoint(path)
+    assert not any(k.startswith("net.0.") for k in torch.load(path, weights_only=False)["state_dict"])
+    budget = PrivacyBudget(epsilon=8.0, delta=1e-5)
+    t = trainer(max_steps=5, strategy=DPStrategy(noise_multiplier=1.0), callbacks=[budget])
+    t.fit(AdapterOnly(), loader(make_dataset()), ckpt_path=path)
+    assert budget.ledger_verified and budget.history.steps == 5
+    proc = subprocess.run([sys.executable, "-m", "lightning_dp", "report", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    # The binding still covers what the file holds: an edited adapter weight is refused.
+    tampered = torch.load(path, weights_only=False)
+    tampered["state_dict"]["net.2.weight"] = tampered["state_dict"]["net.2.weight"] * 0
+    torch.save(tampered, tmp_path / "tampered.ckpt")
+    with pytest.raises(ValueError, match="'binding'"):
+        t = trainer(max_steps=5, strategy=DPStrategy(noise_multiplier=1.0), callbacks=[PrivacyBudget(epsilon=8.0, delta=1e-5)])
+        t.fit(AdapterOnly(), loader(make_dataset()), ckpt_path=tmp_path / "tampered.ckpt")
+
+
+PRE_CORE = Path(__file__).resolve().parent / "fixtures" / "pre_core_870e4b4.ckpt"
+
+
+def test_a_checkpoint_written_before_the_privacy_core_resumes_verified_and_continues(tmp_path: Path) -> None:
+    budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
+    t = trainer(max_steps=7, default_root_dir=tmp_path, callbacks=[budget],
+                strategy=DPStrategy(max_grad_norm=1.0, noise_multiplier=1.1))
+    t.fit(Classifier(), loader(make_dataset(n=64), batch_size=8), ckpt_path=PRE_CORE)
+    assert budget.ledger_verified is True
+    assert budget.history.segments == [(1.1, 0.125, 7)]  # the 5 steps it held, then 2 more, merged
+    assert budget.epsilon_spent == pytest.approx(compute_epsilon([(1.1, 0.125, 7)], 1e-5))
+    proc = subprocess.run([sys.executable, "-m", "lightning_dp", "report", str(PRE_CORE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "2.296" in proc.stdout  # epsilon after its 5 steps

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from conftest import clipped_sum, loader, make_dataset, pld_epsilon, trainer
 from lightning_dp import DPDDPStrategy, DPStrategy, PrivacyBudget
-from lightning_dp.accounting import compute_epsilon
-from lightning_dp.grads import PerSampleGradientMismatch
+from lightning_dp.core.accounting import compute_epsilon
+from lightning_dp.mechanism.grads.check import PerSampleGradientMismatch
 
 DELTA = 1e-5
 D_IN, Z = 6, 4

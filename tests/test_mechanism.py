@@ -56,7 +56,7 @@ def test_update_with_sum_reduced_loss() -> None:
     _one_step_update(None, max_grad_norm=0.5, reduction="sum")
 
 
-def test_physical_chunks_give_one_update_per_poisson_batch() -> None:
+def test_physical_chunks_give_one_update_per_poisson_batch(no_spot_checks) -> None:
     ds = make_dataset(n=64)
     model = Classifier()
     rec = Batches()
@@ -98,7 +98,7 @@ def test_noise_std_matches_sigma_c_over_expected_batch(secure_mode: bool) -> Non
     assert abs(delta.mean().item()) < 4 * expected / math.sqrt(n)
 
 
-def test_empty_batches_take_an_accounted_noise_only_step() -> None:
+def test_empty_batches_take_an_accounted_noise_only_step(no_spot_checks) -> None:
     # q = 1/40: most draws are empty.
     ds = make_dataset(n=40)
     model = Classifier()
@@ -161,7 +161,7 @@ class EpochLogger(Classifier):
         return loss
 
 
-def test_epoch_metrics_logged_per_chunk_are_weighted_by_chunk_size() -> None:
+def test_epoch_metrics_logged_per_chunk_are_weighted_by_chunk_size(no_spot_checks) -> None:
     model = EpochLogger(lr=0.1)
     t = trainer(max_epochs=1, strategy=DPStrategy(noise_multiplier=1.0, max_physical_batch_size=3))
     with pytest.warns(UserWarning):
@@ -214,7 +214,7 @@ class StepLogger(Classifier):
         return loss
 
 
-def test_logs_from_chunks_are_logged_once_per_step_for_the_whole_batch() -> None:
+def test_logs_from_chunks_are_logged_once_per_step_for_the_whole_batch(no_spot_checks) -> None:
     seen: list[tuple[float, float, float]] = []
 
     class Watch(L.Callback):

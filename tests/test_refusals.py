@@ -13,8 +13,8 @@ from torch.utils.data.sampler import BatchSampler, SequentialSampler
 
 from conftest import Classifier, loader, make_dataset, trainer
 from lightning_dp import DPStrategy, PrivacyBudget, PrivacyBudgetExhausted, replace_batch_norm
-from lightning_dp.grads import PerSampleGradientMismatch
-from lightning_dp.modules import UnsupportedModuleError
+from lightning_dp.mechanism.grads.check import PerSampleGradientMismatch
+from lightning_dp.mechanism.modules import UnsupportedModuleError
 
 
 def fit(model: L.LightningModule, dl: Any, **strategy_kw: Any) -> L.Trainer:
@@ -318,7 +318,7 @@ def test_parameter_outside_a_layer_is_caught(dataset) -> None:
 
 
 def test_parameter_outside_a_layer_fails_at_the_first_step_when_the_check_is_off(dataset) -> None:
-    from lightning_dp.grads.hooks import PerSampleGradientError
+    from lightning_dp.mechanism.grads.engine import PerSampleGradientError
 
     with pytest.warns(UserWarning, match="check_per_sample_grads=False"), pytest.raises(
         PerSampleGradientError, match="scale"

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 
 from conftest import Classifier, make_dataset, pld_epsilon, trainer
 from lightning_dp import DPStrategy, PrivacyAudit, PrivacyBudget
-from lightning_dp.__main__ import main
-from lightning_dp.accounting import PrivacyHistory, compute_epsilon
+from lightning_dp.cli import main
+from lightning_dp.core.accounting import PrivacyHistory, compute_epsilon
 from lightning_dp.report import REPORT_JSON, REPORT_PNG, build_report
 
 DELTA = 1e-5
@@ -56,7 +56,8 @@ def _check_figures(report: dict, history: PrivacyHistory, accountant: str = "prv
     """The report's figures against the ledger and independent computations."""
     eps = report["epsilon"]
     assert report["steps"] == history.steps > 0
-    assert [tuple(s.values()) for s in report["segments"]] == history.segments
+    assert [s["mechanism"] for s in report["segments"]] == ["sampled_gaussian"] * len(history.segments)
+    assert [(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in report["segments"]] == history.segments
     sigma, q, _ = history.segments[-1]
     assert report["noise_multiplier"] == sigma and report["sample_rate"] == q
     assert eps == pytest.approx(compute_epsilon(history, DELTA, accountant))
@@ -128,7 +129,7 @@ def test_report_false_writes_nothing_and_on_demand_writes_where_asked(tmp_path: 
 def test_the_report_is_strict_json_even_for_an_unbounded_epsilon() -> None:
     budget = PrivacyBudget(epsilon=1.0, delta=DELTA, accountant="rdp")
     budget.history.record(0.0, 0.1, 5)  # no noise: epsilon is infinite
-    report = build_report(budget)
+    report = build_report(budget.record())
     assert report["epsilon"] == "inf"
     json.dumps(report, allow_nan=False)
 
@@ -193,7 +194,7 @@ def test_report_command_refuses_a_checkpoint_without_a_budget(tmp_path: Path, ca
 def test_a_risk_budget_without_epsilon_is_reported(tmp_path: Path) -> None:
     budget = PrivacyBudget(delta=DELTA, max_tpr_at_fpr={0.05: 0.5}, accountant="rdp")
     budget.history.record(2.0, 0.05, 50)
-    report = build_report(budget)
+    report = build_report(budget.record())
     assert report["epsilon_budget"] is None and report["max_tpr_at_fpr"] == {"0.05": 0.5}
     assert set(report["risk"]["tpr_at_fpr"]) == {"0.001", "0.01", "0.05"}
     eps = report["epsilon"]

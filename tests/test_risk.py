@@ -1,4 +1,4 @@
-"""Privacy risk in attack terms (lightning_dp.risk) and PrivacyBudget's risk targets.
+"""Privacy risk in attack terms (lightning_dp.core.risk) and PrivacyBudget's risk targets.
 
 Oracles: the Gaussian mechanism (sample rate 1) is exactly mu-GDP, mu = sqrt(sum T / sigma^2),
 so its ROC bound is Phi(Phi^-1(FPR) + mu) in closed form; one Poisson-sampled Gaussian step
@@ -19,8 +19,8 @@ from scipy.stats import norm
 
 from conftest import Classifier, loader, make_dataset, pld_epsilon, tensorboard_scalars, trainer
 from lightning_dp import DPStrategy, PrivacyBudget
-from lightning_dp.accounting import PrivacyHistory, calibrate_noise, compute_epsilon, max_steps
-from lightning_dp.risk import (
+from lightning_dp.core.accounting import PrivacyHistory, calibrate_noise, compute_epsilon, max_steps
+from lightning_dp.core.risk import (
     AdvantageTarget,
     TprTarget,
     epsilon_delta_risk,

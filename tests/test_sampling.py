@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from conftest import Batches, Classifier, loader, make_dataset, trainer
 from lightning_dp import DPStrategy
-from lightning_dp.sampling import PoissonBatch, PoissonBatchSampler, poisson_dataloader
+from lightning_dp.mechanism.sampling import PoissonBatch, PoissonBatchSampler, poisson_dataloader
 
 
 def test_each_example_is_included_independently_at_rate_q() -> None:
@@ -94,7 +93,7 @@ class DictModel(Classifier):
         return nn.functional.cross_entropy(self.net(batch["x"]), batch["y"])
 
 
-def test_custom_collate_and_transfer_hooks_work_through_the_trainer(dataset) -> None:
+def test_custom_collate_and_transfer_hooks_work_through_the_trainer(dataset, no_spot_checks) -> None:
     rec = Batches()
     dl = DataLoader(dataset, batch_size=8, shuffle=True, collate_fn=dict_collate)
     t = trainer(max_steps=4, strategy=DPStrategy(noise_multiplier=1.0, max_physical_batch_size=3), callbacks=[rec])

@@ -15,7 +15,7 @@ from lightning.pytorch.tuner import Tuner
 from conftest import Batches, loader, make_dataset, trainer
 from helpers import NoiseOnly
 from lightning_dp import DPStrategy, PrivacyBudget
-from lightning_dp.streams import RandomStreams
+from lightning_dp.mechanism.streams import RandomStreams
 
 SCRIPT = Path(__file__).resolve().parent / "noise_run.py"
 

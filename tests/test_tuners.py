@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from conftest import Classifier, loader, make_dataset, pld_epsilon, trainer
 from lightning_dp import DPStrategy, PrivacyBudget
-from lightning_dp.accounting import PrivacyHistory, calibrate_noise
+from lightning_dp.core.accounting import PrivacyHistory, calibrate_noise
 
 N = 64
 

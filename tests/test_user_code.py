@@ -12,12 +12,12 @@ import pytest
 import torch
 import torchmetrics
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import Batches, Classifier, clipped_sum, loader, make_dataset, snapshot, trainer
 from lightning_dp import DPStrategy, causal_lm_loss
-from lightning_dp.grads.check import LossNotPerExample
+from lightning_dp.mechanism.grads.check import LossNotPerExample
 
 
 # --------------------------------------------------------------------------- hooks see the user's batch
@@ -222,6 +222,22 @@ def test_causal_lm_loss_is_each_sequences_mean_then_the_batch_mean() -> None:
         causal_lm_loss(logits[0], labels)
 
 
+def test_causal_lm_loss_ignores_non_finite_logits_at_ignored_positions() -> None:
+    # A fully masked left-padding row can give NaN logits at positions whose label is ignored: the
+    # loss and the gradient must not see them (else the example is dropped as non-finite).
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [6, 1, 2, -100, -100]])
+    clean = causal_lm_loss(logits, labels)
+    poisoned = logits.clone()
+    poisoned[0, 0], poisoned[1, 3:] = math.nan, math.inf  # predict ignored labels (shifted: 1 and 4)
+    poisoned.requires_grad_(True)
+    loss = causal_lm_loss(poisoned, labels)
+    loss.backward()
+    assert torch.equal(loss.detach(), clean)
+    assert torch.isfinite(poisoned.grad).all()
+
+
 # --------------------------------------------------------------------------- torchmetrics, bf16
 class WithMetric(Classifier):
     def __init__(self, recurrent: bool = False) -> None:
@@ -260,3 +276,62 @@ def test_bf16_mixed_precision_trains_on_the_ghost_engine() -> None:
     t.fit(model, loader(make_dataset(n=64), batch_size=8))
     assert t.strategy.engine.name == "ghost"
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- code that keeps state
+class EmaTeacher(Classifier):
+    """Keeps state in training_step, skipping it while the strategy only checks."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.1)
+        self.losses: list[float] = []
+        self.updates = 0
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if not self.trainer.strategy.checking:
+            self.losses.append(float(loss))
+            self.updates += 1
+        return loss
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Random augmentation with Python's and numpy's global generators."""
+
+    def __init__(self) -> None:
+        self.base = make_dataset(n=32)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = self.base[i]
+        return x + random.gauss(0.0, 0.01) + float(np.random.normal(0.0, 0.01)), y
+
+
+def test_stateful_code_can_tell_checks_from_steps_and_checks_keep_the_global_rngs(monkeypatch) -> None:
+    import random
+
+    import numpy as np
+
+    import lightning_dp.lightning.private_step as private_step
+
+    monkeypatch.setattr(private_step, "SPOT_CHECK_EVERY", 1)  # a spot check at every step
+    model, sizes = EmaTeacher(), Batches()
+    t = trainer(max_steps=6, strategy=DPStrategy(noise_multiplier=1.0), callbacks=[sizes])
+    t.fit(model, DataLoader(Augmented(), batch_size=8))
+    assert t.strategy.grad_check["spot_checks"] >= 5
+    assert model.updates == len(model.losses) == sum(1 for s in sizes.sizes if s > 0)
+    assert not t.strategy.checking
+    # Fetching the check's examples (with augmentation) leaves the global generators where they were.
+    from lightning_dp.mechanism.grads.selection import check_examples
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state())
+    check_examples(Augmented(), 8, torch.Generator().manual_seed(0), list, lambda b: (None, torch.zeros(())), None)
+    after = (random.getstate(), np.random.get_state()[1], torch.random.get_rng_state())
+    assert before[0] == after[0] and (before[1] == after[1]).all() and torch.equal(before[2], after[2])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_dp.grads.engine import (
+from lightning_dp.mechanism.grads.engine import (
     LossReduction,
     Materialized,
     PerExampleGrads,

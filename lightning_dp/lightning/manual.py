@@ -35,13 +35,17 @@ optimizer's step the DP-SGD release and nothing else:
   statistics (``x - x.mean(0).detach()``), integer labels (``bincount``) or ``argmax`` passes
   it. (The automatic path compares against one-example passes and sees those too; here the
   training step steps optimizers, so it cannot be rerun on fewer examples.)
+
+Why one module of about 430 lines: the manual path is one mechanism (per-example losses to
+clipped, noised gradients for the private optimizers) and its own check; the strategy routes
+to it through :class:`~lightning_dp.lightning.interfaces.StepView` only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -50,12 +54,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from lightning_dp.grads.check import RTOL, PerSampleGradientMismatch
-from lightning_dp.grads.engine import Materialized
-from lightning_dp.sampling import PoissonBatch
+from lightning_dp.lightning.interfaces import StepView
+from lightning_dp.mechanism.grads.check import RTOL, PerSampleGradientMismatch
+from lightning_dp.mechanism.grads.engine import Materialized
+from lightning_dp.mechanism.sampling import PoissonBatch
 
-if TYPE_CHECKING:
-    from lightning_dp.strategy import _PrivateTraining
 
 # Entries compared one by one in the first-draw check: enough to catch a wrong batched
 # gradient or cross-talk, cheap next to a training step.
@@ -134,12 +137,12 @@ class _BatchTaint(TorchFunctionMode):
         return out
 
 
-class _ManualPrivacy:
+class ManualPrivacy:
     """The per-fit state of DP training under manual optimization (see the module docstring).
 
     Args:
-        strategy: the DP strategy (its noise multiplier and ledger are read at each release,
-            since ``PrivacyBudget`` may calibrate or swap them).
+        step: the strategy's private step (its noise multiplier and history are read at each
+            release, since ``PrivacyBudget`` may calibrate or swap them).
         optimizers: the Trainer's optimizers, in ``configure_optimizers`` order.
         private_indices: which of them are private (``None``: all).
         check: run the first-draw check.
@@ -147,7 +150,7 @@ class _ManualPrivacy:
 
     def __init__(
         self,
-        strategy: _PrivateTraining,
+        step: StepView,
         optimizers: Sequence[torch.optim.Optimizer],
         private_indices: Optional[Sequence[int]],
         check: bool,
@@ -161,7 +164,7 @@ class _ManualPrivacy:
                 f"DPStrategy(private_optimizers={list(private_indices or [])}) names optimizer(s) {out_of_range}, but "
                 f"configure_optimizers returned {len(optimizers)}. Give indices in configure_optimizers' order."
             )
-        self._strategy = strategy
+        self._step = step
         self.private = [optimizers[i] for i in indices]
         self.private_params = _params(self.private)
         public = [(i, o) for i, o in enumerate(optimizers) if i not in indices]
@@ -238,22 +241,22 @@ class _ManualPrivacy:
                 "this Poisson batch: a second private step on one batch is not the independent sampled-Gaussian "
                 "step the accountant composes. " + _ONE_PRIVATE_STEP
             )
-        strategy, module = self._strategy, self._strategy.lightning_module
-        strategy.pre_backward(loss)  # type: ignore[attr-defined]  # Lightning's backward hooks, as loss.backward() has
-        loss = strategy.precision_plugin.pre_backward(loss, module)
+        step, host, module = self._step, self._step.host, self._step.module
+        host.pre_backward(loss)  # Lightning's backward hooks, as loss.backward() has
+        loss = host.precision_plugin.pre_backward(loss, module)
         grads = _per_example_grads(loss, params) if draw.size else [None] * len(params)
         if self._to_verify and draw.size >= 2:
             # Every private loss of the first draw of two or more examples is checked.
             worst = _verify(loss, params, grads, draw.leaves)
             draw.verified = True
-            check = strategy.grad_check if isinstance(strategy.grad_check, dict) else {"engine": "manual"}
+            check: dict[str, Any] = step.grad_check if isinstance(step.grad_check, dict) else {"engine": "manual"}
             check.update(
                 verified=True,
                 examples=min(_CHECK_ROWS, draw.size),
                 worst_relative_error=max(worst, check.get("worst_relative_error") or 0.0),
                 cross_talk_checked=bool(draw.leaves),
             )
-            strategy.grad_check = check
+            step.grad_check = check
             if draw.leaves:
                 rank_zero_info(
                     f"DPStrategy (manual optimization): per-example gradients of the private loss match one "
@@ -272,15 +275,15 @@ class _ManualPrivacy:
             if g is not None:
                 draw.grads[p] = g if p not in draw.grads else draw.grads[p] + g
         draw.private_backwards += 1
-        strategy.precision_plugin.post_backward(loss, module)
-        strategy.post_backward(loss)  # type: ignore[attr-defined]
+        host.precision_plugin.post_backward(loss, module)
+        host.post_backward(loss)
 
     def is_private(self, optimizer: Any) -> bool:
         return any(optimizer is o for o in self.private)
 
     def release(self, optimizer: Any) -> None:
         """Write the DP release into the private ``optimizer``'s gradients and record the step."""
-        draw, strategy = self._draw, self._strategy
+        draw, step = self._draw, self._step
         if draw is None:
             raise RuntimeError("A private optimizer stepped outside training_step; its gradient would not be private.")
         if draw.released:
@@ -296,10 +299,10 @@ class _ManualPrivacy:
                 "self.manual_backward before opt.step(). If this optimizer never reads the training data, mark it "
                 "public: DPStrategy(private_optimizers=[indices of the others])."
             )
-        sigma = strategy.noise_multiplier
+        sigma = step.noise_multiplier
         assert sigma is not None
         params = [p for p in self.private_params if p.requires_grad or p in draw.grads]
-        mechanism = strategy._new_mechanism(params)
+        mechanism = step.new_mechanism(params)
         # The release is DP: what it writes may be used by anything after it (the tracking pauses).
         draw.taint.paused = True
         try:
@@ -312,7 +315,7 @@ class _ManualPrivacy:
         for p in self.private_params:
             if id(p) not in released:
                 p.grad = None  # only the release may move a private parameter
-        strategy._recorded(mechanism, sigma, draw.sample_rate)
+        step.recorded(mechanism, sigma, draw.sample_rate)
         draw.grads.clear()
         draw.released = True
 
@@ -336,7 +339,8 @@ def _per_example_grads(loss: Tensor, params: Sequence[nn.Parameter]) -> list[Opt
         # An op without a batching rule for its backward: one backward pass per entry instead.
         per_row = [torch.autograd.grad(loss[i], params, retain_graph=True, allow_unused=True) for i in range(len(rows))]
         grads = tuple(
-            None if per_row[0][j] is None else torch.stack([r[j] for r in per_row]) for j in range(len(params))
+            None if per_row[0][j] is None else torch.stack([r[j] for r in per_row])  # type: ignore[misc]
+            for j in range(len(params))
         )
     return [None if g is None else g.detach() for g in grads]
 

@@ -57,7 +57,16 @@ class Materialized(PerExampleGrads):
         return sq
 
     def weighted_sum(self, weights: Tensor) -> list[Optional[Tensor]]:
-        return [None if g is None else torch.einsum("i,i...->...", weights.to(g.dtype), g) for g in self.grads]
+        out: list[Optional[Tensor]] = []
+        for g in self.grads:
+            if g is None:
+                out.append(None)
+                continue
+            # bf16/fp16 gradients are summed in float32: an 8-bit mantissa would round the clipped
+            # sum by far more than one example's contribution.
+            wide = g if g.dtype in (torch.float32, torch.float64) else g.float()
+            out.append(torch.einsum("i,i...->...", weights.to(wide.dtype), wide))
+        return out
 
     def drop(self, rows: Tensor) -> None:
         self.grads = [None if g is None else zero_rows(g, rows) for g in self.grads]
@@ -77,6 +86,10 @@ def zero_rows(t: Tensor, rows: Tensor) -> Tensor:
     tensor: NaN and inf included)."""
     mask = rows.to(t.device).view(-1, *([1] * (t.dim() - 1)))
     return torch.where(mask, torch.zeros((), dtype=t.dtype, device=t.device), t)
+
+
+class PerSampleGradientError(RuntimeError):
+    """An engine produced per-sample gradients that cannot be right (the strategy stops)."""
 
 
 class PerSampleGradEngine(ABC):
@@ -123,24 +136,6 @@ class PerSampleGradEngine(ABC):
         yield
 
 
-#: In the order ``engine="auto"`` tries them.
-ENGINES = ("ghost", "hooks", "functorch", "loop")
-
-
-def make_engine(name: str, loss_reduction: LossReduction = "mean") -> PerSampleGradEngine:
-    """Build the engine called ``name`` (one of :data:`ENGINES`)."""
-    from lightning_dp.grads.functorch import FunctorchEngine, LoopEngine
-    from lightning_dp.grads.ghost import GhostEngine
-    from lightning_dp.grads.hooks import OpacusHooksEngine
-
-    if name == OpacusHooksEngine.name:
-        return OpacusHooksEngine(loss_reduction)
-    engines: dict[str, type[PerSampleGradEngine]] = {e.name: e for e in (GhostEngine, FunctorchEngine, LoopEngine)}
-    if name not in engines:
-        raise ValueError(f"Unknown per-sample gradient engine {name!r}; choose 'auto' or one of {sorted(ENGINES)}")
-    return engines[name]()
-
-
 def param_names(module: nn.Module) -> dict[nn.Parameter, str]:
     return {p: n for n, p in module.named_parameters()}
 
@@ -154,8 +149,8 @@ def silenced_logging(module: nn.Module) -> Iterator[None]:
         yield
         return
     saved = {k: vars(module)[k] for k in ("log", "log_dict") if k in vars(module)}
-    module.log = lambda *a, **k: None  # type: ignore[method-assign]
-    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+    module.log = lambda *a, **k: None  # type: ignore[method-assign,assignment]
+    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

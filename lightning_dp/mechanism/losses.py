@@ -43,9 +43,16 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, shi
         )
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
+    counted = labels != ignore_index
+    # Ignored positions get zero logits before the loss (torch.where, whose backward is NaN-safe):
+    # a NaN or inf logit there (a fully masked left-padding row) would otherwise make the example's
+    # gradient NaN (0 * NaN in log_softmax's backward), and the example would be dropped as
+    # non-finite. Shapes stay fixed, so vmap (the functorch engine) can run it.
+    safe_logits = torch.where(counted.unsqueeze(-1), logits.float(), torch.zeros((), device=logits.device))
+    safe_labels = torch.where(counted, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
     token_losses = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="none"
+        safe_logits.reshape(-1, logits.shape[-1]), safe_labels.reshape(-1), reduction="none"
     ).view(labels.shape)
-    counted = (labels != ignore_index).to(token_losses.dtype)
-    per_sequence = (token_losses * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1.0)
+    weights = counted.to(token_losses.dtype)
+    per_sequence = (token_losses * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
     return per_sequence.mean()

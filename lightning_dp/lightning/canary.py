@@ -23,6 +23,10 @@ ceiling is stated instead (see :attr:`CanaryExposure.ceiling`).
 
 Each inserted copy is one training example, so under DP-SGD a canary repeated ``r`` times is
 protected by group privacy for ``r`` examples (roughly ``r * epsilon``), not ``epsilon``.
+
+Why one module of about 500 lines: the canaries, the callback that inserts and scores them and
+the exposure estimate share one secret (which canaries were inserted, with which seeds); split,
+that secret would cross module boundaries.
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ class CanaryExposure(Callback):
     own generator (``seed``), written into ``format``, and inserted into the training set by
     :meth:`insert` (``repetitions`` copies each; every copy is one training example, one
     privacy unit). At the end of ``fit``, and every ``every_n_epochs`` if set, each canary's
-    exposure ``log2 |R| - log2 rank`` is measured (see :mod:`lightning_dp.canary` for the
+    exposure ``log2 |R| - log2 rank`` is measured (see :mod:`lightning_dp.lightning.canary` for the
     estimate and its ceiling) and logged to the Trainer's loggers as ``dp/canary_exposure``
     (the mean over canaries), ``dp/canary_exposure/<i>`` (each canary) and
     ``dp/canary_exposure/reference`` (the mean over ``num_references`` secrets drawn the same

@@ -16,8 +16,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_dp.grads.engine import Materialized, PerExampleGrads, clipping_sq_norms
-from lightning_dp.streams import RandomStreams
+from lightning_dp.mechanism.grads.engine import Materialized, PerExampleGrads, clipping_sq_norms
+from lightning_dp.mechanism.streams import RandomStreams
+
+
+def _sum_dtype(p: Tensor) -> torch.dtype:
+    """float64 for float64 parameters, float32 for every other floating dtype."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class GaussianMechanism:
@@ -31,7 +36,7 @@ class GaussianMechanism:
             floating-point attacks on the noise's low bits.
         streams: the fit's random streams; the noise comes from ``streams.noise(device)``.
             ``None``: a fresh stream seeded from OS entropy. Never torch's global generator,
-            which ``seed_everything`` would replay (see :mod:`lightning_dp.streams`).
+            which ``seed_everything`` would replay (see :mod:`lightning_dp.mechanism.streams`).
 
     **Every example's influence is bounded, whatever its values.** Norms are computed in
     float32 and, where that overflows (a finite but huge feature), again in float64; an
@@ -75,21 +80,25 @@ class GaussianMechanism:
         if grads.batch_size == 0:
             return torch.zeros(0)
         sq = clipping_sq_norms(grads)
-        bad: Optional[Tensor] = ~torch.isfinite(sq)
-        if bool(bad.any()):
+        bad = ~torch.isfinite(sq)
+        any_bad = bool(bad.any())
+        if any_bad:
             grads.drop(bad)
             self.dropped += int(bad.sum())
             sq = torch.where(bad, torch.zeros((), dtype=sq.dtype, device=sq.device), sq)
-        else:
-            bad = None
         norms = sq.clamp(min=0.0).sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        if bad is not None:
+        if any_bad:
             factor = torch.where(bad, torch.zeros((), dtype=factor.dtype, device=factor.device), factor)
             norms = torch.where(bad, torch.full((), math.nan, dtype=norms.dtype, device=norms.device), norms)
         for i, clipped in enumerate(grads.weighted_sum(factor)):
             if clipped is not None:
-                self._sums[i] = clipped if self._sums[i] is None else self._sums[i] + clipped
+                # One accumulation dtype per parameter, whatever the engine returned (ghost clipping
+                # returns float64 where it computed an example exactly): every rank's sums then
+                # all-reduce alike, and bf16/fp16 parameters never round the running sum to 8 bits.
+                clipped = clipped.to(_sum_dtype(self.params[i]))
+                before = self._sums[i]
+                self._sums[i] = clipped if before is None else before + clipped
         self.examples_seen += grads.batch_size
         return norms.float()
 
@@ -107,9 +116,10 @@ class GaussianMechanism:
         With several processes, each passes ``all_reduce`` (an in-place sum over processes)
         and exactly one passes ``add_noise=True``: the noise enters the global sum once."""
         std = noise_multiplier * self.max_grad_norm
-        totals = []
+        totals: list[Tensor] = []
         for i, p in enumerate(self.params):
-            total = self._sums[i] if self._sums[i] is not None else torch.zeros_like(p)
+            held = self._sums[i]
+            total = held if held is not None else torch.zeros_like(p, dtype=_sum_dtype(p))
             if add_noise and std > 0:
                 total = total + self._noise(std, p)
             totals.append(total)

@@ -25,13 +25,14 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor
 
-from lightning_dp.grads.engine import LossReduction
-from lightning_dp.strategy import _PrivateTraining
+from lightning_dp.lightning.config import PrivacyConfig
+from lightning_dp.lightning.routing import RoutesPrivateStep
+from lightning_dp.mechanism.grads.engine import LossReduction
 
 __all__ = ["DPDDPStrategy"]
 
 
-class DPDDPStrategy(_PrivateTraining, DDPStrategy):
+class DPDDPStrategy(RoutesPrivateStep, DDPStrategy):
     r"""Differentially private training (DP-SGD) over many processes, on one node or many.
 
     Takes the arguments of :class:`~lightning_dp.DPStrategy` (``max_grad_norm``,
@@ -68,28 +69,32 @@ class DPDDPStrategy(_PrivateTraining, DDPStrategy):
         seed: Optional[int] = None,
         **ddp_kwargs: Any,
     ) -> None:
+        config = PrivacyConfig(max_grad_norm, noise_multiplier, max_physical_batch_size, secure_mode, loss_reduction,
+                               engine, check_per_sample_grads, replace_batch_norm, seed=seed)
         super().__init__(**ddp_kwargs)
-        self._init_private(
-            max_grad_norm, noise_multiplier, max_physical_batch_size, secure_mode, loss_reduction, engine,
-            check_per_sample_grads, replace_batch_norm, seed=seed,
-        )
+        self._own_private_step(config)
 
-    def _shard(self) -> tuple[int, int]:
+    # ------------------------------------------------------------------ many processes (DPHost)
+    def dp_shard(self) -> tuple[int, int]:
         return self.global_rank, self.world_size
 
-    def _all_reduce(self, tensors: list[Tensor]) -> None:
+    def dp_all_reduce(self, tensors: list[Tensor]) -> None:
         if self.world_size > 1:
             for t in tensors:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
     @property
-    def _adds_noise(self) -> bool:
+    def dp_adds_noise(self) -> bool:
         return self.global_rank == 0
 
-    def _empty_step_output(self) -> Any:
+    def dp_empty_step_output(self) -> Any:
         # Lightning refuses a None step output under DDP; a constant zero loss takes no part
         # in any gradient (the strategy's backward does not backpropagate it).
         return torch.zeros((), device=self.root_device)
+
+    @property
+    def dp_supports_manual(self) -> bool:
+        return False
 
 
 StrategyRegistry.register(

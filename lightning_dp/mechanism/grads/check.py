@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 
-from lightning_dp.grads.engine import LossReduction, PerSampleGradEngine, StepFn, clipping_sq_norms, param_names
+from lightning_dp.mechanism.grads.engine import LossReduction, PerSampleGradEngine, StepFn, clipping_sq_norms, param_names
 
 # float32 per-sample gradients from einsum-based samplers differ from autograd at ~1e-6.
 RTOL = 1e-3
@@ -203,7 +203,7 @@ def reference_grads(
         return ref
     # The batch's gradient against the examples' own, summed and averaged: is the loss additive,
     # and with which reduction?
-    summed = [sum(row[k] for row in usable) for k in range(len(params))]  # type: ignore[index]
+    summed: list[Any] = [sum(row[k] for row in usable) for k in range(len(params))]  # type: ignore[index,misc]
     total = sum(norms)
     factor = 1.0 / m if loss_reduction == "mean" else 1.0
     other_factor = 1.0 if loss_reduction == "mean" else 1.0 / m

@@ -20,22 +20,22 @@ non-contiguous embedding input (``x[:, :-1]``) and on a token-level loss of shap
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from opacus.grad_sample import GradSampleHooks
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from lightning_dp.grads.engine import (
+from lightning_dp.mechanism.grads.engine import (
     LossReduction,
     PerExampleGrads,
     PerSampleGradEngine,
+    PerSampleGradientError,
     StepFn,
     param_names,
-    zero_rows,
 )
-from lightning_dp.grads.hooks import PerSampleGradientError
+from lightning_dp.mechanism.grads.ghost_grads import GhostGrads
 
 _GHOST = (nn.Linear, nn.Embedding)
 
@@ -64,107 +64,8 @@ def _layer_per_example(m: nn.Module, x: Tensor, g: Tensor, own: dict[str, nn.Par
     return vmap(grad(contribution), in_dims=(None, 0, 0))(values, x, g)
 
 
-#: float32's unit roundoff, and the bound on the relative size of the rounding slack (in units of
-#: the norm bound, for T positions) above which a ghost norm is computed in float64 instead.
-_U32 = 2.0**-24
-_MAX_SLACK = 1e-2
-
-
-def _gram_bound(a: Optional[Tensor], g: Tensor, ids: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """An upper bound on each example's ``||sum_t g_t a_t^T||^2`` (a Linear layer; with ``ids``
-    instead of ``a``, an Embedding's: ``a_t`` one-hot), computed as
-    ``sum_{t,t'} (a_t . a_t')(g_t . g_t')`` without forming the gradient.
-
-    That sum can cancel: its terms can be far larger than the result, and in floating point the
-    computed value can then be far too small, or negative, for a crafted example, which would
-    escape clipping. The rounding error is at most ``kappa * S^2`` with
-    ``S = sum_t |a_t| |g_t|`` and ``kappa = 1.01 u (d_a + d_g + T + 2)`` (the dot products in
-    the two Gram matrices, then row sums of ``T`` terms; the rows are added in float64), so
-    ``max(computed, 0) + kappa S^2`` is never below the true squared norm. The slack is about
-    ``kappa T`` of the norm for typical gradients; where float32's would exceed
-    ``_MAX_SLACK``, the Gram matrices are computed in float64 (``u = 2^-53``)."""
-    n, positions, d_g = g.shape
-    d_a = 0 if a is None else a.shape[2]
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    if work == torch.float32 and 1.01 * _U32 * (d_a + d_g + positions + 2) * positions > _MAX_SLACK:
-        work = torch.float64
-    u = _U32 if work == torch.float32 else 2.0**-53
-    g_w = g.to(work)
-    grams = torch.bmm(g_w, g_w.transpose(1, 2))
-    if a is None:
-        assert ids is not None
-        grams = grams * (ids.unsqueeze(2) == ids.unsqueeze(1)).to(work)
-        span = torch.linalg.vector_norm(g_w, dim=2, dtype=torch.float64).sum(dim=1)
-    else:
-        a_w = a.to(work)
-        grams = grams * torch.bmm(a_w, a_w.transpose(1, 2))
-        span = (
-            torch.linalg.vector_norm(a_w, dim=2, dtype=torch.float64)
-            * torch.linalg.vector_norm(g_w, dim=2, dtype=torch.float64)
-        ).sum(dim=1)
-    computed = grams.sum(dim=2).to(torch.float64).sum(dim=1)
-    kappa = 1.01 * u * (d_a + d_g + positions + 2)
-    return computed.clamp(min=0.0) + kappa * span.square()
-
-
 def _own_trainable(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
-
-
-class GhostGrads(PerExampleGrads):
-    """Per-example gradients kept as layer inputs and output gradients where possible."""
-
-    def __init__(self, batch_size: int, num_params: int) -> None:
-        self.batch_size = batch_size
-        self.num_params = num_params
-        self.materialized: dict[int, Tensor] = {}  # param index -> (n, *shape)
-        # (index, a (n,L,i), g (n,L,o), weight stored (i,o)?, weight shape)
-        self.linear: list[tuple[int, Tensor, Tensor, bool, torch.Size]] = []
-        self.embedding: list[tuple[int, Tensor, Tensor, int]] = []  # (index, ids (n,L), g (n,L,d), rows)
-
-    def add_materialized(self, index: int, grad: Tensor) -> None:
-        self.materialized[index] = grad if index not in self.materialized else self.materialized[index] + grad
-
-    def sq_norms(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Each example's squared gradient norm: exact (to rounding) for the materialised layers;
-        for the ghost layers an upper bound that no rounding can push below the true value (see
-        :func:`_gram_bound`)."""
-        n = self.batch_size
-        sq = torch.zeros(n, dtype=dtype, device=self._device())
-        for g in self.materialized.values():
-            sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=dtype).square()
-        for _, a, g, _, _ in self.linear:
-            sq += _gram_bound(a, g, None, dtype).to(dtype)
-        for _, ids, g, _ in self.embedding:
-            sq += _gram_bound(None, g, ids, dtype).to(dtype)
-        return sq
-
-    def drop(self, rows: Tensor) -> None:
-        self.materialized = {i: zero_rows(g, rows) for i, g in self.materialized.items()}
-        self.linear = [(i, zero_rows(a, rows), zero_rows(g, rows), t, s) for i, a, g, t, s in self.linear]
-        self.embedding = [(i, ids, zero_rows(g, rows), r) for i, ids, g, r in self.embedding]
-
-    def weighted_sum(self, weights: Tensor) -> list[Optional[Tensor]]:
-        out: list[Optional[Tensor]] = [None] * self.num_params
-        for i, g in self.materialized.items():
-            out[i] = torch.einsum("i,i...->...", weights.to(g.dtype), g)
-        for i, a, g, transposed, shape in self.linear:
-            wg = (g * weights.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
-            flat_a = a.reshape(-1, a.shape[-1])
-            out[i] = (flat_a.t() @ wg if transposed else wg.t() @ flat_a).reshape(shape)
-        for i, ids, g, rows in self.embedding:
-            wg = (g * weights.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
-            out[i] = torch.zeros(rows, g.shape[-1], dtype=g.dtype, device=g.device).index_add_(0, ids.reshape(-1), wg)
-        return out
-
-    def _device(self) -> Optional[torch.device]:
-        for t in self.materialized.values():
-            return t.device
-        for _, a, _, _, _ in self.linear:
-            return a.device
-        for _, ids, _, _ in self.embedding:
-            return ids.device
-        return None
 
 
 def _per_example(m: nn.Module, x: Tensor, g: Tensor, n: int) -> dict[str, Tensor]:
@@ -318,7 +219,9 @@ class GhostEngine(PerSampleGradEngine):
             if single and (type(m) is nn.Linear or _is_conv1d(m) or _ghost_conv(m)):
                 (inputs, g), = cs
                 if _ghost_conv(m):  # im2col: a convolution is a Linear over unfolded patches
-                    a = nn.functional.unfold(inputs[0], m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+                    conv = cast(nn.Conv2d, m)
+                    a = nn.functional.unfold(inputs[0], conv.kernel_size, conv.dilation, conv.padding,  # type: ignore[arg-type]
+                                             conv.stride).transpose(1, 2)
                     g3 = g.reshape(n, g.shape[1], -1).transpose(1, 2)
                 else:
                     a = inputs[0].reshape(n, -1, inputs[0].shape[-1])
@@ -329,7 +232,7 @@ class GhostEngine(PerSampleGradEngine):
                 if "weight" in own:
                     weight, length = own["weight"], a.shape[1]
                     if length * length <= a.shape[2] * g3.shape[2]:
-                        out.linear.append((index[weight], a, g3, _is_conv1d(m), weight.shape))
+                        out.add_linear(index[weight], a, g3, _is_conv1d(m), weight.shape)
                     else:  # many positions, small layer: the gradient itself is smaller
                         spec = "nli,nlo->nio" if _is_conv1d(m) else "nli,nlo->noi"
                         out.add_materialized(index[weight], torch.einsum(spec, a, g3).reshape(n, *weight.shape))
@@ -341,7 +244,7 @@ class GhostEngine(PerSampleGradEngine):
                 g3 = g.reshape(n, -1, g.shape[-1])
                 if m.padding_idx is not None:  # the padding row never gets a gradient
                     g3 = g3 * (ids != m.padding_idx).unsqueeze(-1).to(g3.dtype)
-                out.embedding.append((index[own["weight"]], ids, g3, m.num_embeddings))
+                out.add_embedding(index[own["weight"]], ids, g3, m.num_embeddings)
             elif type(m) in _GHOST:  # shared or called twice: sum the per-example gradients
                 for inputs, g in cs:
                     for key, gs in _per_example(m, inputs[0], g, n).items():

@@ -29,7 +29,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["KEY_VARIABLE", "bind", "binding_verifies", "fingerprint", "seal", "unverified_fields"]
+__all__ = ["KEY_VARIABLE", "bind", "bind_checkpoint", "binding_verifies", "fingerprint", "seal", "unverified_fields"]
 
 #: The environment variable holding the secret key for HMAC digests (optional).
 KEY_VARIABLE = "LIGHTNING_DP_LEDGER_KEY"
@@ -118,3 +118,15 @@ def binding_verifies(state: Mapping[str, Any], global_step: int, weights: Mappin
     """Whether ``state``'s ``binding`` is the one :func:`bind` gives for this checkpoint."""
     binding = state.get("binding")
     return isinstance(binding, str) and hmac.compare_digest(binding, bind(state, global_step, weights))
+
+
+def bind_checkpoint(checkpoint: Mapping[str, Any]) -> None:
+    """Bind every sealed state among ``checkpoint``'s callback states to the checkpoint as it will
+    be written: its ``global_step`` and its ``state_dict``. Run it on the final dictionary, after
+    every hook that may still change it (a LoRA module dropping its frozen weights)."""
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, Mapping):
+        return
+    for state in states.values():
+        if isinstance(state, dict) and "digests" in state and "run_id" in state:
+            state["binding"] = bind(state, int(checkpoint.get("global_step", 0)), checkpoint.get("state_dict", {}))

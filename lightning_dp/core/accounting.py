@@ -1,13 +1,15 @@
-"""What the mechanism did, and what it cost.
+"""What a history of mechanisms cost: the accountants, and planning a run with them.
 
-:class:`PrivacyHistory` is the ledger: run-length segments ``(noise_multiplier,
-sample_rate, steps)`` of sampled-Gaussian steps, in the order they ran (the same layout as
-Opacus accountants' ``history``). The strategy appends to it at every noisy step; the
-``PrivacyBudget`` callback checkpoints it and turns it into epsilon with the functions here.
+:func:`compute_epsilon` turns a :class:`~lightning_dp.core.history.PrivacyHistory` into epsilon
+with the accountant named (``"prv"``, ``"rdp"``, ``"gdp"``: Opacus's), :func:`rdp_curve` into
+its Renyi-DP curve. :func:`max_steps` and :func:`calibrate_noise` plan a DP-SGD run against
+targets (epsilon, and the attack-risk targets of :mod:`lightning_dp.core.risk`).
 
-Accountant queries are costly (PRV: ~0.1-0.3 s, more with many segments), so results are
-memoised and callers plan with :func:`max_steps` and :func:`calibrate_noise` once instead of
-querying every step.
+Accountant queries are costly (PRV: 0.1-0.8 s, more with many segments), so results are
+memoised and callers plan once instead of querying every step.
+
+Why one module of about 420 lines: composition, calibration and planning search the same
+memoised accountant queries; split, each would need the cache and the RDP fallbacks.
 """
 
 from __future__ import annotations
@@ -16,84 +18,55 @@ import functools
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Protocol, Sequence, Union
 
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
+from lightning_dp.core.events import Event, GaussianRelease, NonPrivate, NoOp, RenyiCharge, SampledGaussian
+from lightning_dp.core.history import Entry, PrivacyHistory, Segment
+
 __all__ = [
+    "ACCOUNTANTS",
     "AccountantName",
     "EpsilonTarget",
     "PrivacyHistory",
     "PrivacyTarget",
+    "RDP_ORDERS",
     "calibrate_noise",
     "compute_epsilon",
     "max_steps",
+    "rdp_curve",
+    "rdp_to_epsilon",
+    "supports",
 ]
 
 AccountantName = Literal["prv", "rdp", "gdp"]
 ACCOUNTANTS: dict[str, type] = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}
 
-Segment = tuple[float, float, int]
+#: A history, or DP-SGD segments ``(noise_multiplier, sample_rate, steps)``.
+HistoryLike = Union[PrivacyHistory, Iterable[Segment]]
 
 # Bounds the search for an allowed number of steps when the plan does not (PRV's grid grows
 # with the step count: at 2**24 steps it asks for tens of GiB).
 _STEP_SEARCH_CAP = 1 << 20
 
 
-@dataclass
-class PrivacyHistory:
-    """Run-length ledger of sampled-Gaussian steps: ``[(noise_multiplier, sample_rate, steps)]``.
+def supports(accountant: str, event: Event) -> bool:
+    """Whether ``accountant`` can compose ``event``: Opacus's accountants compose (sampled)
+    Gaussian mechanisms; a :class:`RenyiCharge` is composed by the ``"rdp"`` accountant only.
 
     Example:
-        >>> h = PrivacyHistory()
-        >>> h.record(1.0, 0.01); h.record(1.0, 0.01); h.record(2.0, 0.01)
-        >>> h.segments
-        [(1.0, 0.01, 2), (2.0, 0.01, 1)]
-        >>> h.steps
-        3
+        >>> supports("prv", RenyiCharge((3.0,), (0.01,))), supports("rdp", RenyiCharge((3.0,), (0.01,)))
+        (False, True)
     """
+    if accountant not in ACCOUNTANTS:
+        return False
+    return not isinstance(event, RenyiCharge) or accountant == "rdp"
 
-    segments: list[Segment] = field(default_factory=list)
 
-    @property
-    def steps(self) -> int:
-        """Total number of steps recorded."""
-        return sum(s for _, _, s in self.segments)
-
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        """Append ``steps`` steps of the sampled Gaussian mechanism."""
-        if steps <= 0:
-            return
-        sigma, q = float(noise_multiplier), float(sample_rate)
-        if self.segments and self.segments[-1][:2] == (sigma, q):
-            self.segments[-1] = (sigma, q, self.segments[-1][2] + steps)
-        else:
-            self.segments.append((sigma, q, steps))
-
-    def extended(self, noise_multiplier: float, sample_rate: float, steps: int) -> PrivacyHistory:
-        """A copy with ``steps`` more steps appended (for what-if queries)."""
-        copy = PrivacyHistory(list(self.segments))
-        copy.record(noise_multiplier, sample_rate, steps)
-        return copy
-
-    def is_prefix_of(self, other: PrivacyHistory) -> bool:
-        """Whether ``other`` is this history followed by zero or more further steps."""
-        if len(self.segments) > len(other.segments):
-            return False
-        for i, (mine, theirs) in enumerate(zip(self.segments, other.segments)):
-            if mine[:2] != theirs[:2]:
-                return False
-            last = i == len(self.segments) - 1
-            if mine[2] != theirs[2] and not (last and mine[2] < theirs[2]):
-                return False
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"segments": [list(s) for s in self.segments]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.segments = [(float(s), float(q), int(n)) for s, q, n in state["segments"]]
+def as_history(history: HistoryLike) -> PrivacyHistory:
+    return history if isinstance(history, PrivacyHistory) else PrivacyHistory(list(history))
 
 
 def _check_delta(delta: float) -> None:
@@ -102,12 +75,25 @@ def _check_delta(delta: float) -> None:
 
 
 @functools.lru_cache(maxsize=8192)
-def _epsilon(segments: tuple[Segment, ...], delta: float, accountant: str) -> float:
-    segments = tuple(s for s in segments if s[2] > 0)
-    if not segments:
+def _epsilon(entries: tuple[Entry, ...], delta: float, accountant: str) -> float:
+    entries = tuple(e for e in entries if e.count > 0 and not isinstance(e.event, NoOp))
+    if not entries:
         return 0.0
-    if any(sigma == 0 for sigma, _, _ in segments):
+    if any(isinstance(e.event, NonPrivate) for e in entries):
         return math.inf
+    unsupported = sorted({type(e.event).__name__ for e in entries if not supports(accountant, e.event)})
+    if unsupported:
+        raise ValueError(
+            f"The {accountant!r} accountant cannot compose {', '.join(unsupported)} events (a mechanism known only by "
+            "its Renyi-DP curve): use accountant='rdp' for this history."
+        )
+    if any(isinstance(e.event, RenyiCharge) for e in entries):
+        return float(rdp_to_epsilon(rdp_curve(PrivacyHistory(entries)), delta))
+    # Opacus's accountants compose Poisson-sampled Gaussians; a Gaussian release is one at rate 1.
+    segments = tuple(
+        (float(getattr(e.event, "noise_multiplier")), float(getattr(e.event, "sample_rate", 1.0)), e.count)  # noqa: B009
+        for e in entries
+    )
     if accountant == "gdp" and len(segments) > 1:
         # Opacus's GaussianAccountant reads only history[-1]: on a mixed history it would
         # silently report the last segment alone.
@@ -145,12 +131,13 @@ def _prv_points(segments: tuple[Segment, ...], delta: float) -> float:
     return 2 * (max(reach, eps_error) + 3) / mesh
 
 
-def compute_epsilon(history: PrivacyHistory | Iterable[Segment], delta: float, accountant: AccountantName = "prv") -> float:
+def compute_epsilon(history: HistoryLike, delta: float, accountant: AccountantName = "prv") -> float:
     """Epsilon spent by ``history`` at ``delta`` according to ``accountant``.
 
     ``"prv"`` (default) and ``"rdp"`` are upper bounds; PRV is tight to about 0.01 in
     epsilon, RDP is looser. ``"gdp"`` is the central-limit approximation of Gaussian DP: an
-    estimate, not a bound, accurate only for many steps at a small sample rate.
+    estimate, not a bound, accurate only for many steps at a small sample rate. A history with
+    Renyi-DP charges (:class:`~lightning_dp.core.events.RenyiCharge`) needs ``"rdp"``.
 
     Example:
         >>> round(compute_epsilon([(1.0, 256 / 60000, 2344)], delta=1e-5, accountant="rdp"), 3)
@@ -159,14 +146,13 @@ def compute_epsilon(history: PrivacyHistory | Iterable[Segment], delta: float, a
     _check_delta(delta)
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
-    segments = history.segments if isinstance(history, PrivacyHistory) else list(history)
-    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in segments), float(delta), accountant)
+    return _epsilon(tuple(as_history(history).entries), float(delta), accountant)
 
 
 class PrivacyTarget(Protocol):
     """What must hold of a history: ``value(history) <= limit`` (``value`` grows with more
     steps and with less noise). :class:`EpsilonTarget` here; the attack-risk targets in
-    :mod:`lightning_dp.risk`."""
+    :mod:`lightning_dp.core.risk`."""
 
     @property
     def name(self) -> str: ...
@@ -374,9 +360,11 @@ def _safe(values_at: Any, sigma: float, count: int) -> list[float]:
 RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 
-def rdp_curve(history: PrivacyHistory | Iterable[Segment], orders: Sequence[float] = RDP_ORDERS) -> Any:
+def rdp_curve(history: HistoryLike, orders: Sequence[float] = RDP_ORDERS) -> Any:
     """The Renyi DP of ``history`` at each of ``orders`` (a numpy array): composition adds the
-    segments' curves (Mironov 2017).
+    events' curves (Mironov 2017). A sampled Gaussian's is Opacus's (Mironov, Talwar and Zhang
+    2019), a Gaussian release's ``alpha / (2 sigma^2)``, a Renyi charge's its own (infinite at
+    orders it does not give).
 
     Example:
         >>> curve = rdp_curve([(1.0, 0.01, 100)], orders=(2.0, 8.0))
@@ -386,17 +374,24 @@ def rdp_curve(history: PrivacyHistory | Iterable[Segment], orders: Sequence[floa
     import numpy as np
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    segments = history.segments if isinstance(history, PrivacyHistory) else list(history)
-    total = np.zeros(len(orders))
-    for sigma, q, n in segments:
-        if n <= 0:
+    alphas = np.asarray(orders, dtype=np.float64)
+    total = np.zeros(len(alphas))
+    for entry in as_history(history).entries:
+        event, n = entry.event, entry.count
+        if isinstance(event, NoOp):
             continue
-        if sigma == 0:
-            return np.full(len(orders), math.inf)
-        if tuple(orders) == RDP_ORDERS:
-            total = total + n * _one_step_rdp(float(sigma), float(q))
+        if isinstance(event, NonPrivate):
+            return np.full(len(alphas), math.inf)
+        if isinstance(event, SampledGaussian):
+            sigma, q = event.noise_multiplier, event.sample_rate
+            if tuple(orders) == RDP_ORDERS:
+                total = total + n * _one_step_rdp(sigma, q)
+            else:
+                total = total + compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=list(orders))
+        elif isinstance(event, GaussianRelease):
+            total = total + n * alphas / (2 * event.noise_multiplier**2)
         else:
-            total = total + compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=list(orders))
+            total = total + n * np.asarray([event.epsilon_at(float(a)) for a in alphas])
     return total
 
 

@@ -15,6 +15,10 @@ strategy: their exact example counts let it (a) skip ``training_step`` on an emp
 still taking the noise-only step the analysis accounts for, (b) verify that per-sample
 gradients have one row per example, and (c) refuse any training batch that did not come from
 this sampler.
+
+Why one module of about 450 lines: the sampler, the collate that records each draw, the loader
+and the empty-batch rules are one contract (each batch the loop sees is exactly one recorded
+draw); a third of it is the error messages that say what to change.
 """
 
 from __future__ import annotations
@@ -38,7 +42,65 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["PoissonBatch", "PoissonBatchSampler", "PoissonDataLoader", "empty_batch", "poisson_dataloader"]
+__all__ = [
+    "EMPTY_DRAW",
+    "EmptyDraw",
+    "PoissonBatch",
+    "PoissonBatchSampler",
+    "PoissonDataLoader",
+    "check_rows",
+    "empty_batch",
+    "poisson_dataloader",
+]
+
+
+class EmptyDraw:
+    """The training batch of an empty Poisson draw whose ``collate_fn`` cannot build an empty
+    batch (a custom batch class, a 0-dimensional field): ``training_step`` is not called on it,
+    the step adds noise only, as for any empty draw. Hooks that read the batch see this object."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "EmptyDraw()"
+
+
+#: The one :class:`EmptyDraw`.
+EMPTY_DRAW = EmptyDraw()
+
+
+def _leading_dims(batch: Any, out: set[int], depth: int = 0) -> None:
+    if depth > 8:
+        return
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() > 0:
+            out.add(int(batch.shape[0]))
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            _leading_dims(value, out, depth + 1)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            _leading_dims(value, out, depth + 1)
+
+
+def check_rows(batch: Any, size: int, name: str = "DP training") -> None:
+    """Refuse a training batch whose tensors do not hold ``size`` examples (a batch hook added or
+    removed rows): the Poisson draw accounts for exactly the examples drawn. Batches without a
+    tensor of at least one dimension are not checked."""
+    dims: set[int] = set()
+    _leading_dims(batch, dims)
+    if dims and size not in dims:
+        raise RuntimeError(
+            f"{name}: the training batch holds tensors of {sorted(dims)} rows, but {size} examples were Poisson-"
+            "sampled for it. A batch hook (on_before_batch_transfer, transfer_batch_to_device, "
+            "on_after_batch_transfer) or the collate_fn changed the number of examples; privacy accounting "
+            "counts the examples drawn, one row each. Keep one row per example in these hooks (augment in place), "
+            "and never mix, add or replace examples there."
+        )
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,15 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 from opacus.grad_sample import GradSampleHooks
+import torch
 from torch import Tensor, nn
 
-from lightning_dp.grads.engine import (
+from lightning_dp.mechanism.grads.engine import (
     LossReduction,
     Materialized,
     PerExampleGrads,
     PerSampleGradEngine,
+    PerSampleGradientError,
     StepFn,
     param_names,
 )
@@ -30,10 +32,6 @@ from lightning_dp.grads.engine import (
 # Opacus registers full backward hooks on every layer; torch warns when the first layer's input
 # needs no gradient, which is the normal case for data and says nothing about correctness.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect")
-
-
-class PerSampleGradientError(RuntimeError):
-    """The engine produced per-sample gradients that cannot be right."""
 
 
 class OpacusHooksEngine(PerSampleGradEngine):
@@ -107,9 +105,9 @@ class OpacusHooksEngine(PerSampleGradEngine):
         out: list[Optional[Tensor]] = []
         try:
             for p in params:
-                gs = getattr(p, "grad_sample", None)
+                gs: Optional[Tensor] = getattr(p, "grad_sample", None)
                 if isinstance(gs, list):  # several backward passes accumulated (not ours to merge)
-                    gs = sum(gs)
+                    gs = torch.stack(gs).sum(dim=0)
                 if gs is None:
                     if p.grad is not None:
                         raise PerSampleGradientError(

@@ -1,0 +1,72 @@
+"""The arguments of a DP strategy, validated once for :class:`~lightning_dp.DPStrategy` and
+:class:`~lightning_dp.DPDDPStrategy` alike."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+from lightning_dp.mechanism.grads.registry import ENGINES
+from lightning_dp.mechanism.grads.engine import LossReduction
+
+__all__ = ["PrivacyConfig"]
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """How each private step runs (see :class:`~lightning_dp.DPStrategy` for each field).
+
+    Example:
+        >>> PrivacyConfig(max_grad_norm=0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: max_grad_norm must be a finite number > 0, got 0.0
+    """
+
+    max_grad_norm: float = 1.0
+    noise_multiplier: Optional[float] = None
+    max_physical_batch_size: Optional[int] = None
+    secure_mode: bool = False
+    loss_reduction: LossReduction = "mean"
+    engine: str = "auto"
+    check_per_sample_grads: bool = True
+    replace_batch_norm: bool = False
+    private_optimizers: Optional[tuple[int, ...]] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        c = self.max_grad_norm
+        if not (isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {c!r}")
+        object.__setattr__(self, "max_grad_norm", float(c))
+        sigma = self.noise_multiplier
+        if sigma is not None and not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma >= 0):
+            raise ValueError(f"noise_multiplier must be a number >= 0 or None, got {sigma!r}")
+        if sigma is not None:
+            object.__setattr__(self, "noise_multiplier", float(sigma))
+        k = self.max_physical_batch_size
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k > 0):
+            raise ValueError(f"max_physical_batch_size must be a positive int or None, got {k!r}")
+        if self.engine != "auto" and self.engine not in ENGINES:
+            raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {self.engine!r}")
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        for name in ("secure_mode", "check_per_sample_grads", "replace_batch_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        private = self.private_optimizers
+        if private is not None:
+            if not (
+                isinstance(private, Sequence) and not isinstance(private, str) and len(private) > 0
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in private)
+                and len(set(private)) == len(private)
+            ):
+                raise ValueError(
+                    "private_optimizers must be None (all optimizers are private) or a non-empty list of distinct "
+                    f"optimizer indices >= 0, in configure_optimizers' order; got {private!r}"
+                )
+            object.__setattr__(self, "private_optimizers", tuple(private))
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be None (OS entropy, the safe default) or an int, got {self.seed!r}")
