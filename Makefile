@@ -25,6 +25,7 @@ demo: venv
 	$(BIN)/python examples/char_gpt.py --canaries 2
 
 test: venv
+	$(BIN)/ruff check --no-cache lightning_dp tests examples benchmarks
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

@@ -213,7 +213,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(f"private steps:          {result['steps']} discriminator steps ({result['optimizer_steps']} optimizer "
           "steps in all)")
     print(f"noise multiplier:       {result['noise_multiplier']:.3f} (clipping norm {args.max_grad_norm:g})")
-    print(f"accuracy on real held-out digits of a classifier trained on")
+    print("accuracy on real held-out digits of a classifier trained on")
     print(f"  generated digits:     {result['acc_generated']:.3f}")
     print(f"  real digits:          {result['acc_real']:.3f} (not private: the ceiling)")
     print(f"  chance:               {result['acc_chance']:.3f}")

@@ -17,6 +17,7 @@ __all__ = [
     "PrivacyAudit",
     "PrivacyBudget",
     "PrivacyBudgetExhausted",
+    "PrivacyLedger",
     "causal_lm_loss",
     "replace_batch_norm",
 ]
@@ -26,6 +27,7 @@ from lightning_dp._version import __version__ as __version__
 # (`python -m lightning_dp epsilon ...`, which imports this package first) answers without
 # importing Lightning and torch.
 _PUBLIC = {
+    "PrivacyLedger": "lightning_dp.core.ledger",
     "CanaryExposure": "lightning_dp.lightning.canary",
     "DPDDPStrategy": "lightning_dp.lightning.ddp",
     "DPStrategy": "lightning_dp.lightning.strategy",
@@ -37,6 +39,7 @@ _PUBLIC = {
 }
 
 if TYPE_CHECKING:
+    from lightning_dp.core.ledger import PrivacyLedger
     from lightning_dp.lightning.audit import PrivacyAudit
     from lightning_dp.lightning.budget import PrivacyBudget, PrivacyBudgetExhausted
     from lightning_dp.lightning.canary import CanaryExposure

@@ -4,6 +4,9 @@
     python -m lightning_dp epsilon --sample-rate 0.004 --steps 2344 --noise-multiplier 1.0 --delta 1e-5
     python -m lightning_dp noise   --dataset-size 60000 --batch-size 256 --epochs 10 --epsilon 1.1 --delta 1e-5
     python -m lightning_dp report  path/to/checkpoint.ckpt [--out DIR]
+    python -m lightning_dp ledger show privacy.db [--dataset patients-v3]
+    python -m lightning_dp ledger verify privacy.db
+    python -m lightning_dp ledger set-total privacy.db --dataset patients-v3 --epsilon 10 --delta 1e-6
 
 Like TF Privacy's ``compute_dp_sgd_privacy``: the last line of output is the figure alone. The
 planning commands answer in about a second: they load the accountants without torch.
@@ -62,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="python -m lightning_dp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{epsilon,noise,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{epsilon,noise,report,ledger}")
     common = argparse.ArgumentParser(add_help=False)
     run = common.add_argument_group(
         "the run", "give --sample-rate and --steps, or --dataset-size, --batch-size and --epochs (as DPStrategy "
@@ -93,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--allow-unverified", action="store_true",
                         help="report a ledger that cannot be verified (lightning-dp 0.1, or edited) instead of "
                              "refusing it; the report marks it unverified")
+    ledger = sub.add_parser("ledger", help="a dataset's privacy ledger shared by every run (show, verify, set-total)",
+                            description="A dataset's privacy ledger (lightning_dp.PrivacyLedger).")
+    actions = ledger.add_subparsers(dest="action", required=True, metavar="{show,verify,set-total}",
+                                    help="what to do with the ledger")
+    for name, text in (("show", "each run and the total spent and remaining; the last line is the total spent"),
+                       ("verify", "check the hash chain of every entry; exits 1 when an entry was edited or deleted"),
+                       ("set-total", "change a dataset's total (epsilon, delta): an explicit act, recorded")):
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                    formatter_class=formatter)
+        action.add_argument("target", help="the ledger: a SQLite file, or a postgresql://user@host/db URL")
+        action.add_argument("--dataset", required=name == "set-total", default=None,
+                            help="the dataset (default: every dataset in the ledger)")
+        if name == "set-total":
+            action.add_argument("--epsilon", type=_positive, required=True, help="the new total epsilon")
+            action.add_argument("--delta", type=_delta, required=True, help="the new total delta")
     return parser
 
 
@@ -152,6 +170,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _report(args.checkpoint, args.out, args.allow_unverified)
         except ValueError as err:
             parser.error(str(err))
+    if args.command == "ledger":
+        try:
+            return _ledger(args)
+        except ValueError as err:
+            parser.exit(2, f"python -m lightning_dp ledger: {err}\n")
 
     q, steps = _run_shape(parser, args)
     before = set(sys.modules)
@@ -226,3 +249,48 @@ def _report(path: Path, out: Optional[Path], allow_unverified: bool = False) -> 
     print(f"Epsilon spent (delta={budget.delta:g}, {budget.accountant} accountant):")
     print(f"{budget.epsilon_spent:.6g}")
     return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    """``ledger show | verify | set-total``: read or change a dataset's ledger (no torch)."""
+    import datetime
+
+    from lightning_dp.core.ledger import PrivacyLedger, datasets_in
+
+    if "://" not in args.target and not Path(args.target).is_file():
+        raise ValueError(f"no ledger file at {args.target}")
+    names = [args.dataset] if args.dataset else datasets_in(args.target)
+    if not names:
+        raise ValueError(f"{args.target} holds no dataset")
+    if args.action == "set-total":
+        ledger = PrivacyLedger(args.target, args.dataset)
+        before = (ledger.rule.epsilon, ledger.rule.delta)
+        ledger.set_total(args.epsilon, args.delta)
+        print(f"Dataset {args.dataset!r}: total changed from {before} to ({args.epsilon:g}, {args.delta:g}), recorded in "
+              "the ledger.")
+        return 0
+    status = 0
+    total = 0.0
+    for name in names:
+        ledger = PrivacyLedger(args.target, name)
+        if args.action == "verify":
+            problems = ledger.verify()
+            print(f"{name}: " + ("intact" if not problems else "BROKEN: " + "; ".join(problems)))
+            status = status or (1 if problems else 0)
+            continue
+        rule = ledger.rule
+        print(f"Dataset {name!r}: total ({rule.epsilon:g}, {rule.delta:g}), {rule.rule!r} Renyi filter")
+        print(f"  {'run':<24} {'kind':<10} {'status':<9} {'epsilon':>8} {'steps':>7}  {'started':<19} host")
+        for run in ledger.runs():
+            started = datetime.datetime.fromtimestamp(run.started).strftime("%Y-%m-%d %H:%M:%S") if run.started else "?"
+            eps = "-" if run.epsilon is None else f"{run.epsilon:.4g}"
+            print(f"  {(run.name or run.run_id[:12]):<24} {run.kind:<10} {run.status:<9} {eps:>8} {run.steps:>7}  "
+                  f"{started:<19} {run.host}")
+        spent = ledger.spent()
+        total += spent
+        print(f"  chain head {ledger.head()} (keep it outside the database to detect a rewritten chain)")
+        print(f"  spent {spent:.4g} of {rule.epsilon:g} (reservations of running or crashed runs count), remaining "
+              f"{max(rule.epsilon - spent, 0.0):.4g}. Epsilon spent:")
+        print(f"{spent:.6g}")
+        ledger.close()
+    return status

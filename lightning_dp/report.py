@@ -74,6 +74,8 @@ class PrivacyRecord:
     resumed_at: Sequence[int] = ()
     budget_changes: Sequence[tuple[int, Optional[float]]] = ()
     ledger_verified: bool = True
+    #: The dataset's ledger (:meth:`~lightning_dp.core.ledger.PrivacyLedger.summary`), or ``None``.
+    dataset_ledger: Optional[dict[str, Any]] = None
 
 
 def build_report(record: PrivacyRecord) -> dict[str, Any]:
@@ -131,6 +133,7 @@ def build_report(record: PrivacyRecord) -> dict[str, Any]:
         "safety_checks": record.safety_checks,
         "stopped_reason": record.stopped_reason,
         "ledger_verified": record.ledger_verified,
+        "dataset_ledger": record.dataset_ledger,
         "run_id": record.run_id,
         "resumed_at": list(record.resumed_at),
         "budget_changes": [list(c) for c in record.budget_changes],
@@ -216,6 +219,15 @@ def print_report(report: dict[str, Any], console: Optional[Any] = None) -> None:
         table.add_row("examples dropped", "some had a non-finite gradient and contributed nothing (see the log)")
     if report.get("ledger_verified") is False:
         table.add_row("ledger", "UNVERIFIED: resumed from a checkpoint whose ledger could not be verified")
+    shared = report.get("dataset_ledger")
+    if shared:
+        table.add_row(
+            "dataset ledger",
+            f"{shared['dataset']}: epsilon {_fmt(shared['spent'])} of {_fmt(shared['epsilon'])} spent by every run, "
+            f"{_fmt(shared['remaining'])} remaining (delta {shared['delta']:g}). The ledger's figure is a Renyi-DP "
+            "filter's, valid for runs chosen after seeing earlier ones' results: larger than the sum of the runs' "
+            "own epsilons would suggest for one fixed plan, and larger than this run's own (tight) epsilon.",
+        )
     (console or Console()).print(table)
 
 

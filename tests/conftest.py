@@ -204,3 +204,59 @@ def no_spot_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_dp.lightning.private_step as private_step
 
     monkeypatch.setattr(private_step, "SPOT_CHECK_EVERY", 1 << 62)
+
+
+# ---------------------------------------------------------------------- PostgreSQL for the ledger
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """A real PostgreSQL server for the session: ``LEDGER_TEST_PG_URL`` if set (an existing server
+    whose user may CREATE DATABASE), else a throwaway one started from the machine's PostgreSQL
+    binaries (tests/postgres_server.py). No server is a failure, never a skip: the ledger's
+    PostgreSQL back-end is part of what `make test` checks."""
+    import os
+
+    external = os.environ.get("LEDGER_TEST_PG_URL")
+    if external:
+        yield external
+        return
+    from postgres_server import PostgresUnavailable, TempPostgres
+
+    try:
+        server = TempPostgres().start()
+    except PostgresUnavailable as err:
+        pytest.fail(
+            f"The ledger tests need a PostgreSQL server and found none ({err}). Install PostgreSQL's server "
+            "binaries (Debian/Ubuntu: apt-get install postgresql; macOS: brew install postgresql@16), set "
+            "PG_BINDIR to their directory, or set LEDGER_TEST_PG_URL=postgresql://user@host:port/db."
+        )
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Any:
+    """A fresh database on the session's server, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    base, _, rest = postgres_server.partition("://")
+    host, _, _ = rest.partition("/")
+    try:
+        yield f"{base}://{host}/{name}"
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Where a test's ledger lives: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "privacy.db")
+    return str(request.getfixturevalue("postgres_url"))

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch import nn  # noqa: E402
 
 from conftest import Batches, Classifier, loader, make_dataset, snapshot  # noqa: E402
-from lightning_dp import DPDDPStrategy, PrivacyBudget  # noqa: E402
+from lightning_dp import DPDDPStrategy, PrivacyBudget, PrivacyLedger  # noqa: E402
 
 
 class ZeroGrad(Classifier):
@@ -63,6 +63,12 @@ def main(scenario: str, out: Path) -> None:
         callbacks.append(budget)
         strategy = DPDDPStrategy(noise_multiplier=1.0)
         limits = {"max_epochs": 50}
+    elif scenario in ("ledger", "ledger_refused"):  # the dataset's ledger: out.parent / "ledger.db"
+        ledger = PrivacyLedger(str(out.parent / "ledger.db"), "patients")
+        budget = PrivacyBudget(epsilon=3.0 if scenario == "ledger" else 50.0, delta=1e-6, ledger=ledger, run_name="ddp")
+        callbacks.append(budget)
+        strategy = DPDDPStrategy(noise_multiplier=1.5 if scenario == "ledger" else 0.5)
+        limits = {"max_epochs": 2}
     elif scenario == "empty":
         n, b = 16, 1  # q = 2/16: many empty draws, often on one process only
         strategy = DPDDPStrategy(noise_multiplier=1.0)

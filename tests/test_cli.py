@@ -81,8 +81,10 @@ def test_every_option_has_help_and_its_default() -> None:
 
     parser = _parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(commands.choices) == {"epsilon", "noise", "report"}
-    for name, sub in commands.choices.items():
+    assert set(commands.choices) == {"epsilon", "noise", "report", "ledger"}
+    (actions,) = [a for a in commands.choices["ledger"]._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(actions.choices) == {"show", "verify", "set-total"}
+    for name, sub in [*commands.choices.items(), *actions.choices.items()]:
         text = " ".join(sub.format_help().split())
         for action in sub._actions:
             assert action.help, f"{name}: {action.option_strings or action.dest} has no help"

@@ -101,3 +101,20 @@ def test_registered_by_name_and_validated() -> None:
     assert isinstance(L.Trainer(strategy="dp_ddp", accelerator="cpu", devices=2, logger=False).strategy, DPDDPStrategy)
     with pytest.raises(ValueError, match="max_grad_norm"):
         DPDDPStrategy(max_grad_norm=0)
+
+
+def test_only_rank_zero_talks_to_the_ledger_and_a_refusal_stops_every_rank(tmp_path: Path) -> None:
+    from lightning_dp import PrivacyLedger
+    from lightning_dp.core.history import PrivacyHistory
+
+    ledger = PrivacyLedger(str(tmp_path / "ledger.db"), "patients", epsilon=8.0, delta=1e-6)
+    ranks = run("ledger", tmp_path)
+    (record,) = ledger.runs()  # one run, not one per process
+    assert record.status == "finished" and record.steps == ranks[0]["steps"] == ranks[1]["steps"] > 0
+    history = PrivacyHistory([tuple(s) for s in ranks[0]["history"]])
+    assert record.committed == pytest.approx(tuple(ledger.curve_of(history)))
+    # A plan that does not fit: both processes stop before their first step (none hangs).
+    proc = subprocess.run([sys.executable, str(SCRIPT), "ledger_refused", str(tmp_path / "refused")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "does not fit in what remains" in proc.stderr
+    assert len(ledger.runs()) == 1

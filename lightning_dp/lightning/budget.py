@@ -25,11 +25,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_dp.core.accounting import ACCOUNTANTS, AccountantName, compute_epsilon
+from lightning_dp.core.accounting import ACCOUNTANTS, AccountantName, PrivacyTarget, compute_epsilon
 from lightning_dp.core.budget import Budget, PrivacyBudgetExhausted
 from lightning_dp.core.history import PrivacyHistory
 from lightning_dp.core.risk import AdvantageTarget, PrivacyRisk, TprTarget, privacy_profile, risk_targets
 from lightning_dp.core.spend_table import SpendTable
+from lightning_dp.core.ledger import LedgerTarget, PrivacyLedger
+from lightning_dp.lightning.budget_ledger import LedgerSession
 from lightning_dp.lightning.budget_state import ResumeRules, bind_to_checkpoint, sealed, stricter_targets
 from lightning_dp.lightning.interfaces import AuditView
 from lightning_dp.lightning.routing import RoutesPrivateStep
@@ -88,6 +90,13 @@ class PrivacyBudget(Callback):
             lightning-dp 0.1, before ledgers carried digests; or whose weights or step changed
             after saving) with a warning, instead of refusing it; the report then marks the
             ledger unverified. See :mod:`lightning_dp.core.integrity`.
+        ledger: the dataset's :class:`~lightning_dp.PrivacyLedger`, shared by every run on the
+            dataset. Before the first step the planned run is reserved there (refused, data
+            untouched, when it does not fit in what remains); what ran is committed at each
+            checkpoint and at the end, and the rest released. With ``epsilon=None`` the run's
+            noise (or its number of steps) is planned to fit what remains. ``delta`` defaults to
+            the dataset's. Only rank zero talks to the ledger.
+        run_name: the run's name in the ledger (e.g. its hyper-parameters).
 
     Attributes:
         epsilon_spent: epsilon at ``delta`` after the steps taken so far.
@@ -121,10 +130,20 @@ class PrivacyBudget(Callback):
         max_advantage: Optional[float] = None,
         max_tpr_at_fpr: Optional[Mapping[float, float]] = None,
         kappa: Optional[float] = None,
+        ledger: Optional[PrivacyLedger] = None,
+        run_name: Optional[str] = None,
     ) -> None:
+        if ledger is not None and not isinstance(ledger, PrivacyLedger):
+            raise ValueError(f"ledger must be a lightning_dp.PrivacyLedger, got {type(ledger).__name__}")
+        if ledger is not None and delta is None:
+            delta = ledger.rule.delta
         if epsilon is not None and not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
-        targets = risk_targets(max_advantage, max_tpr_at_fpr)
+        targets: list[PrivacyTarget] = list(risk_targets(max_advantage, max_tpr_at_fpr))
+        if ledger is not None and epsilon is None:
+            # No run budget of its own: the run may spend what remains of the dataset's (its plan is
+            # made against what the ledger holds when the run starts; see _refresh_ledger_target).
+            targets = [*targets, LedgerTarget(ledger.rule, [0.0] * len(ledger.rule.orders))]
         if epsilon is None and not targets:
             raise ValueError(
                 "PrivacyBudget needs a budget: epsilon=..., max_advantage=... or max_tpr_at_fpr={fpr: tpr} "
@@ -166,6 +185,10 @@ class PrivacyBudget(Callback):
         #: the budget (for the report's figure).
         self.resumed_at: list[int] = []
         self.budget_changes: list[tuple[int, Optional[float]]] = []
+        #: The dataset's ledger this run reserves in and commits to (rank zero only talks to it).
+        self.ledger = ledger
+        self.run_name = run_name
+        self._ledger = None if ledger is None else LedgerSession(ledger, run_name)
 
     # ------------------------------------------------------------------ what was spent
     @property
@@ -242,11 +265,17 @@ class PrivacyBudget(Callback):
         strategy.budget = self
         self._strategy = strategy
         self._allowed_steps = None
+        if self._ledger is not None:
+            self._ledger.new_fit()
         # The run as the user configured it: tuners shorten max_steps for their trial loops,
         # and the noise they train with is calibrated for this run, not for their trials.
         self._configured_max_steps = trainer.max_steps
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            # The run ends (finished, stopped or failed): commit what it executed, free the rest. A
+            # process killed before this keeps its whole reservation counted.
+            self._commit(trainer, release=True)
         if stage == "fit" and self._strategy is not None:
             self._strategy.budget = None
 
@@ -277,6 +306,8 @@ class PrivacyBudget(Callback):
                 "mechanism that publishes one whole example would meet it. Use delta << 1/N."
             )
         _, remaining = private_steps_progress(trainer, self._tuner_max_steps(trainer))
+        if self._ledger is not None and self.epsilon is None:
+            self._refresh_ledger_target(trainer)
         if strategy.requested_noise_multiplier is None:
             if not math.isfinite(remaining):
                 raise ValueError(
@@ -303,8 +334,34 @@ class PrivacyBudget(Callback):
             f"PrivacyBudget: {self.budget.describe()}; noise multiplier {sigma:.4g}, sample rate {q:.4g}; "
             f"{self.history.steps} steps spent, the budget allows {extra} more of the {remaining:g} planned."
         )
+        if self._ledger is not None:
+            self._reserve(trainer, sigma, q, min(extra, remaining))
         if extra == 0:
             self._stop(trainer)
+
+    # ------------------------------------------------------------------ the dataset's ledger
+    def _refresh_ledger_target(self, trainer: pl.Trainer) -> None:
+        """Plan against what the dataset's ledger holds now, beside this fit's own reservation."""
+        assert self._ledger is not None
+        target = self._ledger.target(trainer)
+        self.budget.targets = [t for t in self.budget.targets if not isinstance(t, LedgerTarget)] + [target]
+
+    def _reserve(self, trainer: pl.Trainer, sigma: float, q: float, steps: float) -> None:
+        """Reserve the planned run (``steps`` more at ``(sigma, q)``) in the ledger before the
+        first step; a charge that does not fit stops the fit on every rank, data untouched."""
+        assert self._ledger is not None
+        planned = self.history.extended(sigma, q, int(steps)) if math.isfinite(steps) and steps > 0 else self.history
+        self._ledger.reserve(trainer, self.run_id, self.history, planned)
+
+    def _commit(self, trainer: Optional[pl.Trainer], release: bool = False) -> None:
+        """Commit what this fit executed; with ``release``, end its record."""
+        if self._ledger is not None:
+            self._ledger.commit(trainer, self.history, self.epsilon_spent, release)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call teardown after an exception (or Ctrl-C): end the record here,
+        # committing what ran, so that the reservation of the steps never taken is freed.
+        self._commit(trainer, release=True)
 
     def _tuner_max_steps(self, trainer: pl.Trainer) -> Optional[int]:
         """The configured max_steps when a tuner runs its trial loops (this callback is then not
@@ -470,7 +527,14 @@ class PrivacyBudget(Callback):
             noise_multiplier=self.noise_multiplier, safety_checks=checks, audit=audit,
             stopped_reason=self.stopped_reason, run_id=self.run_id, resumed_at=tuple(self.resumed_at),
             budget_changes=tuple(self.budget_changes), ledger_verified=self.ledger_verified,
+            dataset_ledger=self._ledger_summary(trainer),
         )
+
+    def _ledger_summary(self, trainer: Optional[pl.Trainer]) -> Optional[dict[str, Any]]:
+        if self._ledger is None or (trainer is not None and not trainer.is_global_zero):
+            return None
+        self._commit(trainer)  # the figures include this run's steps so far
+        return self._ledger.summary()
 
     def report(
         self, trainer: Optional[pl.Trainer] = None, directory: Optional[Union[str, Path]] = None, show: bool = True
@@ -548,6 +612,7 @@ class PrivacyBudget(Callback):
         self._verified_checkpoint = checkpoint
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._commit(trainer)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if state is not None:
             bind_to_checkpoint(state, checkpoint)
