@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from lightning_dp.mechanism.grads.registry import ENGINES
+from lightning_dp.mechanism.adaptive_clipping import AdaptiveClipping
 from lightning_dp.mechanism.grads.engine import LossReduction
+from lightning_dp.mechanism.grads.registry import ENGINES
 
-__all__ = ["PrivacyConfig"]
+__all__ = ["PrivacyConfig", "clipping_config"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class PrivacyConfig:
     replace_batch_norm: bool = False
     private_optimizers: Optional[tuple[int, ...]] = None
     seed: Optional[int] = None
+    #: ``None``: a fixed clipping norm; else how it adapts (``clipping="adaptive"``).
+    adaptive_clipping: Optional[AdaptiveClipping] = None
 
     def __post_init__(self) -> None:
         c = self.max_grad_norm
@@ -68,5 +71,17 @@ class PrivacyConfig:
                     f"optimizer indices >= 0, in configure_optimizers' order; got {private!r}"
                 )
             object.__setattr__(self, "private_optimizers", tuple(private))
+        if self.adaptive_clipping is not None and not isinstance(self.adaptive_clipping, AdaptiveClipping):
+            raise ValueError(f"adaptive_clipping must be an AdaptiveClipping or None, got {self.adaptive_clipping!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             raise ValueError(f"seed must be None (OS entropy, the safe default) or an int, got {self.seed!r}")
+
+
+def clipping_config(clipping: str, target_quantile: float, clipping_learning_rate: float,
+                    count_noise: Optional[float]) -> Optional[AdaptiveClipping]:
+    """The strategies' ``clipping=`` arguments as an :class:`AdaptiveClipping` (or ``None``)."""
+    if clipping == "flat":
+        return None
+    if clipping != "adaptive":
+        raise ValueError(f"clipping must be 'flat' or 'adaptive', got {clipping!r}")
+    return AdaptiveClipping(target_quantile, clipping_learning_rate, count_noise)

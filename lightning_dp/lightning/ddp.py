@@ -25,7 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor
 
-from lightning_dp.lightning.config import PrivacyConfig
+from lightning_dp.lightning.config import PrivacyConfig, clipping_config
 from lightning_dp.lightning.routing import RoutesPrivateStep
 from lightning_dp.mechanism.grads.engine import LossReduction
 
@@ -67,10 +67,16 @@ class DPDDPStrategy(RoutesPrivateStep, DDPStrategy):
         check_per_sample_grads: bool = True,
         replace_batch_norm: bool = False,
         seed: Optional[int] = None,
+        clipping: Literal["flat", "adaptive"] = "flat",
+        target_quantile: float = 0.5,
+        clipping_learning_rate: float = 0.2,
+        count_noise: Optional[float] = None,
         **ddp_kwargs: Any,
     ) -> None:
         config = PrivacyConfig(max_grad_norm, noise_multiplier, max_physical_batch_size, secure_mode, loss_reduction,
-                               engine, check_per_sample_grads, replace_batch_norm, seed=seed)
+                               engine, check_per_sample_grads, replace_batch_norm, seed=seed,
+                               adaptive_clipping=clipping_config(clipping, target_quantile, clipping_learning_rate,
+                                                                 count_noise))
         super().__init__(**ddp_kwargs)
         self._own_private_step(config)
 

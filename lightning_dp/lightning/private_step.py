@@ -119,6 +119,8 @@ class PrivateStep:
         self._engine_params: frozenset[nn.Parameter] = frozenset()
         self._mechanism: Optional[GaussianMechanism] = None
         self._pending: Optional[PoissonBatch] = None
+        #: The clipping norm in force: the configured one, or where adaptive clipping moved it.
+        self.clip_norm = config.max_grad_norm
         #: True while training_step runs for a per-sample gradient check (at the start of fit and
         #: at the spot checks) rather than for a step: stateful code (an EMA teacher, a list of
         #: losses) can skip its side effects then.
@@ -307,6 +309,11 @@ class PrivateStep:
             )
         if self.noise_multiplier == 0:
             rank_zero_warn(f"{self.name}: noise_multiplier=0 adds no noise; this run is NOT differentially private.")
+        adaptive = self.config.adaptive_clipping
+        if adaptive is not None and self.train_dataloader is not None:
+            # Refuse a count noise too small for the noise multiplier before any step, not at the first release.
+            expected = self.train_dataloader.collate_fn.expected_size  # type: ignore[attr-defined]
+            adaptive.gradient_noise_multiplier(self.noise_multiplier, adaptive.count_std(expected, self.noise_multiplier))
         if self.guard is None:
             rank_zero_warn(
                 f"{self.name} is training without a PrivacyBudget callback: the mechanism runs, but nothing tracks, "
@@ -423,6 +430,8 @@ class PrivateStep:
             self.guard.ensure_step_allowed(self.module.trainer, draw.sample_rate)
         if self.manual is not None:
             return self._manual_training_step(draw, batch, rest, kwargs)
+        if self.config.adaptive_clipping is not None:
+            self.module.log("dp/max_grad_norm", self.clip_norm, on_step=True, on_epoch=False, batch_size=1)
         params = trainable(self.module)
         if frozenset(params) != self._engine_params:
             # A callback (e.g. BaseFinetuning) froze or unfroze layers: hooks and the check were
@@ -468,8 +477,19 @@ class PrivateStep:
         if draw is None or mechanism is None:
             raise RuntimeError(f"The optimizer stepped without a private gradient from {self.name}.training_step.")
         assert self.noise_multiplier is not None
-        mechanism.release(self.noise_multiplier, draw.expected_size, add_noise=self.host.dp_adds_noise,
-                          all_reduce=self.host.dp_all_reduce)
+        adaptive = self.config.adaptive_clipping
+        if adaptive is None:
+            mechanism.release(self.noise_multiplier, draw.expected_size, add_noise=self.host.dp_adds_noise,
+                              all_reduce=self.host.dp_all_reduce)
+        else:
+            # The gradient and the count of unclipped examples together are one Gaussian mechanism
+            # at self.noise_multiplier, what the history records (adaptive_clipping.py).
+            count_std = adaptive.count_std(draw.expected_size, self.noise_multiplier)
+            sigma_g = adaptive.gradient_noise_multiplier(self.noise_multiplier, count_std)
+            count = mechanism.release(sigma_g, draw.expected_size, add_noise=self.host.dp_adds_noise,
+                                      all_reduce=self.host.dp_all_reduce, count_noise_std=count_std)
+            assert count is not None
+            self.clip_norm = adaptive.next_norm(self.clip_norm, count, draw.expected_size)
         self.recorded(mechanism, self.noise_multiplier, draw.sample_rate)
         self._pending = self._mechanism = None
 
@@ -482,7 +502,7 @@ class PrivateStep:
             self.guard.after_step(self.module.trainer)
 
     def new_mechanism(self, params: Sequence[nn.Parameter]) -> GaussianMechanism:
-        return GaussianMechanism(params, self.config.max_grad_norm, self.config.secure_mode, self.streams())
+        return GaussianMechanism(params, self.clip_norm, self.config.secure_mode, self.streams())
 
     def _count_non_finite(self, mechanism: GaussianMechanism) -> None:
         if not mechanism.dropped:

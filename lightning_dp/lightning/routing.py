@@ -117,7 +117,8 @@ class RoutesPrivateStep(_Base):
 
     @property
     def max_grad_norm(self) -> float:
-        return self.private.config.max_grad_norm
+        """The clipping norm in force (with adaptive clipping: where it has moved)."""
+        return self.private.clip_norm
 
     @property
     def max_physical_batch_size(self) -> Optional[int]:
@@ -163,6 +164,8 @@ class RoutesPrivateStep(_Base):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         # Bind the ledger here, after every on_save_checkpoint hook: Lightning calls the callbacks'
         # before the module's, which may still drop weights (LoRA) the binding would otherwise cover.
+        if self.private.config.adaptive_clipping is not None:
+            checkpoint["lightning_dp"] = {"max_grad_norm": self.private.clip_norm}  # where adaptive clipping is
         bind_checkpoint(checkpoint)
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
@@ -173,6 +176,9 @@ class RoutesPrivateStep(_Base):
             # Verify the file as written, before the module's on_load_checkpoint (which runs before
             # the callbacks') may change it.
             guard.verify_checkpoint(checkpoint, None if module is None else module.automatic_optimization)
+        saved = checkpoint.get("lightning_dp") or {}
+        if self.private.config.adaptive_clipping is not None and "max_grad_norm" in saved:
+            self.private.clip_norm = float(saved["max_grad_norm"])
         return checkpoint
 
     def connect(self, model: pl.LightningModule) -> None:

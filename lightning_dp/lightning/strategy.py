@@ -18,7 +18,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_dp.lightning.config import PrivacyConfig
+from lightning_dp.lightning.config import PrivacyConfig, clipping_config
 from lightning_dp.lightning.routing import RoutesPrivateStep
 from lightning_dp.mechanism.grads.engine import LossReduction
 
@@ -76,6 +76,17 @@ class DPStrategy(RoutesPrivateStep, SingleDeviceStrategy):
             int makes them reproducible for debugging (derived from the seed, the rank, the step
             the fit starts from and the fit's index, so a resume still draws new noise), with a
             warning: anyone who knows the seed can recompute the noise.
+        clipping: ``"flat"`` (default): every example is clipped to ``max_grad_norm``.
+            ``"adaptive"``: ``max_grad_norm`` is the starting norm, and each step moves it towards
+            the ``target_quantile`` of the per-example gradient norms, estimated from a noised count
+            of unclipped examples (Andrew et al. 2021; see
+            :mod:`lightning_dp.mechanism.adaptive_clipping`). The count's noise is part of the
+            mechanism: ``noise_multiplier`` stays the one the accountant composes, and the gradient
+            gets slightly more. Logged as ``dp/max_grad_norm``; kept in checkpoints.
+        target_quantile: adaptive clipping's target fraction of unclipped examples (0.5).
+        clipping_learning_rate: adaptive clipping's geometric learning rate (0.2).
+        count_noise: adaptive clipping's noise on the count; ``None``: ``B/20`` for an expected
+            batch size ``B``, at least the noise multiplier.
         device: the device to train on; by default the one the Trainer's accelerator picks.
 
     Example::
@@ -111,6 +122,10 @@ class DPStrategy(RoutesPrivateStep, SingleDeviceStrategy):
         replace_batch_norm: bool = False,
         private_optimizers: Optional[Sequence[int]] = None,
         seed: Optional[int] = None,
+        clipping: Literal["flat", "adaptive"] = "flat",
+        target_quantile: float = 0.5,
+        clipping_learning_rate: float = 0.2,
+        count_noise: Optional[float] = None,
         device: Optional[Union[str, torch.device]] = None,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -120,6 +135,7 @@ class DPStrategy(RoutesPrivateStep, SingleDeviceStrategy):
             max_grad_norm, noise_multiplier, max_physical_batch_size, secure_mode, loss_reduction, engine,
             check_per_sample_grads, replace_batch_norm,
             None if private_optimizers is None else tuple(private_optimizers), seed,  # type: ignore[arg-type]
+            clipping_config(clipping, target_quantile, clipping_learning_rate, count_noise),
         )
         super().__init__(
             device=device if device is not None else "cpu",

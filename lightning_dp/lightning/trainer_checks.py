@@ -88,6 +88,10 @@ def check_manual_optimization(config: PrivacyConfig, host: DPHost, name: str) ->
             "from the per-example loss given to manual_backward (shape (batch size,)), differentiated exactly by "
             "autograd."
         )
+    if config.adaptive_clipping is not None:
+        raise ValueError(
+            f"{name}(clipping='adaptive') is not supported with manual optimization: use a fixed max_grad_norm."
+        )
     if config.max_physical_batch_size is not None:
         raise ValueError(
             f"{name}(max_physical_batch_size={config.max_physical_batch_size}) is not supported with manual "

@@ -67,6 +67,8 @@ class GaussianMechanism:
         self.secure_mode = secure_mode
         self.streams = streams if streams is not None else RandomStreams(seed=None, rank=0, start_step=0, fit_index=0)
         self._sums: list[Optional[Tensor]] = [None] * len(self.params)
+        #: sum over examples of (1[not clipped] - 1/2), for adaptive clipping's count.
+        self._centered_count: Optional[Tensor] = None
         self.examples_seen = 0
         #: Examples whose gradient was not finite, dropped (contributing zero), over this object's life.
         self.dropped = 0
@@ -91,6 +93,11 @@ class GaussianMechanism:
         if any_bad:
             factor = torch.where(bad, torch.zeros((), dtype=factor.dtype, device=factor.device), factor)
             norms = torch.where(bad, torch.full((), math.nan, dtype=norms.dtype, device=norms.device), norms)
+        # Adaptive clipping's count: an example whose gradient was not clipped counts 1, others 0
+        # (a dropped one too), centred so that one example moves the sum by at most 1/2.
+        kept = (norms <= self.max_grad_norm) & ~bad if any_bad else norms <= self.max_grad_norm
+        centered = kept.to(torch.float64).sum() - 0.5 * grads.batch_size
+        self._centered_count = centered if self._centered_count is None else self._centered_count + centered
         for i, clipped in enumerate(grads.weighted_sum(factor)):
             if clipped is not None:
                 # One accumulation dtype per parameter, whatever the engine returned (ghost clipping
@@ -109,12 +116,16 @@ class GaussianMechanism:
         expected_batch_size: float,
         add_noise: bool = True,
         all_reduce: Optional[Callable[[list[Tensor]], None]] = None,
-    ) -> None:
+        count_noise_std: Optional[float] = None,
+    ) -> Optional[float]:
         """Write ``(sum + N(0, (sigma*C)^2)) / expected_batch_size`` into each ``param.grad``
         and reset the sum. Runs once per step, also when the batch was empty.
 
         With several processes, each passes ``all_reduce`` (an in-place sum over processes)
-        and exactly one passes ``add_noise=True``: the noise enters the global sum once."""
+        and exactly one passes ``add_noise=True``: the noise enters the global sum once.
+
+        With ``count_noise_std`` (adaptive clipping), the centred count of unclipped examples
+        is released too, with ``N(0, count_noise_std^2)``, and returned."""
         std = noise_multiplier * self.max_grad_norm
         totals: list[Tensor] = []
         for i, p in enumerate(self.params):
@@ -123,11 +134,21 @@ class GaussianMechanism:
             if add_noise and std > 0:
                 total = total + self._noise(std, p)
             totals.append(total)
+        count: Optional[Tensor] = None
+        if count_noise_std is not None:
+            like = self.params[0]
+            count = torch.zeros((), dtype=torch.float64, device=like.device)
+            if self._centered_count is not None:
+                count = count + self._centered_count.to(like.device)
+            if add_noise and count_noise_std > 0:
+                count = count + self._noise(float(count_noise_std), count)
+            totals.append(count)
         if all_reduce is not None:
             all_reduce(totals)
         for p, total in zip(self.params, totals):
             p.grad = (total / expected_batch_size).to(p.dtype)
         self.reset()
+        return None if count is None else float(totals[-1])
 
     def _noise(self, std: float, like: Tensor) -> Tensor:
         if not self.secure_mode:
@@ -144,6 +165,7 @@ class GaussianMechanism:
 
     def reset(self) -> None:
         self._sums = [None] * len(self.params)
+        self._centered_count = None
         self.examples_seen = 0
 
 
