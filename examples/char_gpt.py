@@ -21,6 +21,14 @@ measures at the end how far the model ranks each above random numbers of the sam
     python examples/char_gpt.py --canaries 2       # also measure canary exposure
     python examples/char_gpt.py --canaries 2 --no-dp  # the non-private baseline
     python examples/char_gpt.py --fast             # a few seconds, for smoke tests
+    python examples/char_gpt.py --privacy-unit speaker  # protect each character, not each block
+
+With ``--privacy-unit speaker`` the privacy unit is a *person*: everything one character says.
+The text is cut per character (each character's speeches, concatenated, into blocks), each block
+carries its speaker as its user id, and ``DPStrategy(privacy_unit="user")`` samples characters
+(``--batch-size`` is then characters per batch), takes at most ``--max-blocks-per-speaker`` of a
+sampled character's blocks, and clips the sum of their gradients as one. ``--speaker-blocks``
+cuts the text the same way with the block as the unit, for a comparison on the same data.
     tensorboard --logdir runs                      # dp/epsilon, train_loss, val_loss
 
 ``main(argv)`` returns the figures it prints, so a test can call it.
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -76,21 +85,49 @@ class ShakespeareBlocks(L.LightningDataModule):
         val_fraction: float = 0.05,
         canary: Optional[CanaryExposure] = None,
         seed: int = 0,
+        by_speaker: bool = False,
     ) -> None:
         super().__init__()
         self.block_size, self.batch_size, self.plays = block_size, batch_size, plays
-        self.val_fraction, self.canary, self.seed = val_fraction, canary, seed
+        self.val_fraction, self.canary, self.seed, self.by_speaker = val_fraction, canary, seed, by_speaker
 
     def setup(self, stage: str) -> None:
-        ids = torch.cat([encode((DATA / f"{play}.txt").read_text(encoding="utf-8")) for play in self.plays])
-        n = len(ids) // (self.block_size + 1)
-        blocks = ids[: n * (self.block_size + 1)].view(n, self.block_size + 1)
+        if self.by_speaker:
+            blocks, speakers = self._speaker_blocks()
+        else:
+            ids = torch.cat([encode((DATA / f"{play}.txt").read_text(encoding="utf-8")) for play in self.plays])
+            n = len(ids) // (self.block_size + 1)
+            blocks, speakers = ids[: n * (self.block_size + 1)].view(n, self.block_size + 1), []
+        n = len(blocks)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         n_val = max(1, int(n * self.val_fraction))
         self.val_set = TensorDataset(blocks[perm[:n_val]])
         self.train_set: Dataset = TensorDataset(blocks[perm[n_val:]])
+        if speakers:
+            self.train_set.user_ids = [speakers[i] for i in perm[n_val:].tolist()]  # type: ignore[attr-defined]
         if self.canary is not None:
             self.train_set = self.canary.insert(self.train_set, encode=self.encode_block)
+
+    def _speaker_blocks(self) -> tuple[Tensor, list[str]]:
+        """Each character's speeches, concatenated, cut into blocks; the block's user is its
+        speaker (``play:NAME``). A speech is a paragraph whose first line is the speaker's name
+        and a full stop ("HAMLET.", "Hor.")."""
+        blocks, speakers = [], []
+        size = self.block_size + 1
+        for play in self.plays:
+            text: dict[str, list[str]] = {}
+            for paragraph in (DATA / f"{play}.txt").read_text(encoding="utf-8").split("\n\n"):
+                lines = paragraph.strip("\n").split("\n")
+                name = lines[0].strip()
+                if len(lines) > 1 and re.fullmatch(r"[A-Z][A-Za-z' ]{0,30}\.", name):
+                    text.setdefault(name.rstrip("."), []).append("\n".join(lines[1:]) + "\n")
+            for name, speeches in text.items():
+                ids = encode("".join(speeches))
+                n = len(ids) // size
+                if n:
+                    blocks.append(ids[: n * size].view(n, size))
+                    speakers += [f"{play}:{name}"] * n
+        return torch.cat(blocks), speakers
 
     def encode_block(self, text: str) -> tuple[Tensor]:
         """A text as one training example: its bytes, a newline, padded with spaces."""
@@ -192,6 +229,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=200, help="bytes to generate per prompt (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, the weights and the noise")
     parser.add_argument("--fast", action="store_true", help="a tiny run on one play, for smoke tests")
+    parser.add_argument("--privacy-unit", choices=("block", "speaker"), default="block",
+                        help="block: each block of text is protected; speaker: everything one character says")
+    parser.add_argument("--max-blocks-per-speaker", type=int, default=16,
+                        help="with --privacy-unit speaker: at most this many of a sampled character's blocks per batch")
+    parser.add_argument("--speaker-blocks", action="store_true",
+                        help="cut the text per character (as --privacy-unit speaker does) with the block as the unit")
     parser.add_argument("--out", default="runs", help="TensorBoard log directory (default runs/)")
     return parser.parse_args(argv)
 
@@ -210,8 +253,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         )
     data = ShakespeareBlocks(
         block_size=args.block_size, batch_size=args.batch_size, plays=PLAYS[:1] if args.fast else PLAYS,
-        canary=canary, seed=args.seed,
+        canary=canary, seed=args.seed, by_speaker=args.privacy_unit == "speaker" or args.speaker_blocks,
     )
+    by_user = args.privacy_unit == "speaker"
+    if by_user and canary is not None:
+        raise SystemExit("--canaries measures example-level exposure; use it with --privacy-unit block")
     budget = None if args.no_dp else PrivacyBudget(epsilon=args.epsilon, delta=args.delta)
     callbacks = [c for c in (budget, canary) if c is not None]
     logger = TensorBoardLogger(args.out, name="char_gpt")
@@ -220,7 +266,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         accelerator="cpu",
         devices=1,
         # The engine is left to "auto": the first whose per-example gradients pass the check on this model.
-        strategy="auto" if args.no_dp else DPStrategy(max_grad_norm=args.max_grad_norm),
+        strategy="auto" if args.no_dp else DPStrategy(
+            max_grad_norm=args.max_grad_norm,
+            **({"privacy_unit": "user", "max_examples_per_user": args.max_blocks_per_speaker} if by_user else {}),
+        ),
         callbacks=callbacks,
         logger=logger,
         log_every_n_steps=10,
@@ -245,6 +294,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "val_loss": val_loss,
         "val_perplexity": math.exp(val_loss),
         "train_examples": len(data.train_set),
+        "privacy_unit": args.privacy_unit,
+        "speakers": len(set(getattr(data.train_set, "user_ids", []))),
         "samples": [model.generate(p, args.samples, seed=args.seed + i) for i, p in enumerate(PROMPTS)],
         "fit_seconds": seconds,
         "log_dir": logger.log_dir,
@@ -265,6 +316,11 @@ def _print_report(r: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"epsilon spent:        {r['epsilon']:.3f} (budget {args.epsilon:g}), delta {r['delta']:g}")
         print(f"noise multiplier:     {r['noise_multiplier']:.3f} (clipping norm {args.max_grad_norm:g})")
         print(f"per-sample gradients: the '{r['engine']}' engine (chosen by engine='auto')")
+        if r["privacy_unit"] == "speaker":
+            print(f"privacy unit:         a speaker: everything one of the {r['speakers']} characters says (at most "
+                  f"{args.max_blocks_per_speaker} blocks each per batch)")
+        else:
+            print("privacy unit:         one block of text")
     else:
         print("epsilon spent:        inf (--no-dp: NOT private)")
     print(f"training steps:       {r['steps']} on {r['train_examples']} blocks of {args.block_size + 1} bytes "

@@ -215,6 +215,9 @@ def print_report(report: dict[str, Any], console: Optional[Any] = None) -> None:
         verdict = "passed" if checks["passed"] else "NOT passed"
         status = f"{verdict} (Poisson sampling: {checks['poisson_sampling']}; {detail})"
     table.add_row("safety checks", status)
+    if (checks or {}).get("privacy_unit") == "user":
+        table.add_row("privacy unit", f"user (at most {checks['max_examples_per_user']} examples each per batch): "
+                                      "every figure above protects a person's examples together")
     if (checks or {}).get("non_finite_examples_dropped"):
         table.add_row("examples dropped", "some had a non-finite gradient and contributed nothing (see the log)")
     if report.get("ledger_verified") is False:

@@ -7,6 +7,7 @@ Lightning's launcher re-runs this script for rank 1; each rank writes OUT_DIR/ra
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -69,6 +70,10 @@ def main(scenario: str, out: Path) -> None:
         callbacks.append(budget)
         strategy = DPDDPStrategy(noise_multiplier=1.5 if scenario == "ledger" else 0.5)
         limits = {"max_epochs": 2}
+    elif scenario in ("users", "users_mismatch"):  # user-level: 8 users of 1-5 examples, all sampled (q = 2 * 4 / 8)
+        strategy = DPDDPStrategy(max_grad_norm=0.05, noise_multiplier=0.0, privacy_unit="user", max_examples_per_user=3)
+        limits = {"max_steps": 1}
+        n = 24
     elif scenario == "empty":
         n, b = 16, 1  # q = 2/16: many empty draws, often on one process only
         strategy = DPDDPStrategy(noise_multiplier=1.0)
@@ -82,7 +87,13 @@ def main(scenario: str, out: Path) -> None:
         enable_checkpointing=budget is not None, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, **limits,
     )
-    trainer.fit(model, loader(make_dataset(n=n, d=d), batch_size=b), **fit_kwargs)
+    data = make_dataset(n=n, d=d)
+    if scenario in ("users", "users_mismatch"):
+        data.user_ids = [u for u, size in enumerate((1, 5, 2, 4, 3, 1, 5, 3)) for _ in range(size)]  # type: ignore[attr-defined]
+        if scenario == "users_mismatch" and os.environ.get("LOCAL_RANK", "0") == "1":
+            data.user_ids = data.user_ids[::-1]  # type: ignore[attr-defined]  # another order on process 1
+        b = 4
+    trainer.fit(model, loader(data, batch_size=b), **fit_kwargs)
     x, y = rec.examples if any(bt.size for bt in rec.batches) else (torch.zeros(0, d), torch.zeros(0))
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -99,6 +110,8 @@ def main(scenario: str, out: Path) -> None:
             "noise_multiplier": trainer.strategy.noise_multiplier,
             "sample_rate": trainer.strategy.sample_rate,
             "engine": trainer.strategy.engine.name,
+            "units": [d.units for d in rec.batches],
+            "expected": [d.expected_size for d in rec.batches],
         },
         out / f"rank{trainer.global_rank}.pt",
     )

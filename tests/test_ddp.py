@@ -118,3 +118,31 @@ def test_only_rank_zero_talks_to_the_ledger_and_a_refusal_stops_every_rank(tmp_p
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "does not fit in what remains" in proc.stderr
     assert len(ledger.runs()) == 1
+
+
+def test_user_level_shards_by_user_and_clips_each_users_sum(tmp_path: Path) -> None:
+    from test_user_level import brute_force
+
+    ranks = run("users", tmp_path)
+    for r in ranks:
+        for a, b in zip(ranks[0]["after"], r["after"]):
+            torch.testing.assert_close(a, b)  # the same update on every process
+    assert ranks[0]["sample_rate"] == 1.0
+    model = Classifier(lr=1.0)
+    model.load_state_dict({k: v for k, v in zip(dict(model.named_parameters()), ranks[0]["before"])}, strict=False)
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    users = 0
+    for r in ranks:
+        units = [n for chunk in r["units"][0] for n in chunk]
+        users += len(units)
+        for acc, g in zip(total, brute_force(model, r["x"], r["y"], units, r["expected"][0])):
+            acc += g
+    assert users == 8  # each user on exactly one process
+    for before, after, g in zip(ranks[0]["before"], ranks[0]["after"], total):
+        torch.testing.assert_close(before - after, g, rtol=1e-4, atol=1e-7)  # SGD, lr 1
+
+    # Processes that compute other user ids (another order) could shard one person twice: refused on
+    # every process, none left waiting.
+    proc = subprocess.run([sys.executable, str(SCRIPT), "users_mismatch", str(tmp_path / "mismatch")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "computed different user ids" in proc.stderr

@@ -45,3 +45,21 @@ def test_canary_blocks_are_one_example_of_the_block_length() -> None:
     (block,) = data.encode_block("my number is 123456")
     assert block.shape == (33,)
     assert char_gpt.decode(block) == "my number is 123456\n" + " " * 13
+
+
+@pytest.mark.slow
+def test_char_gpt_protects_speakers_with_user_level_privacy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    char_gpt = _load_example()
+    result = char_gpt.main(["--fast", "--privacy-unit", "speaker", "--batch-size", "8", "--epsilon", "8.0",
+                            "--out", str(tmp_path)])
+    assert result["private"] and result["privacy_unit"] == "speaker" and result["epsilon"] <= 8.0
+    assert result["speakers"] == 19  # The Tempest's characters who speak at least one block
+    assert result["steps"] == 3  # ceil(19 speakers / 8 per batch) draws
+    assert result["val_loss"] < math.log(256) + 0.5
+    assert "privacy unit:         a speaker" in capsys.readouterr().out
+    data = char_gpt.ShakespeareBlocks(block_size=32, plays=("tempest",), by_speaker=True)
+    data.setup("fit")
+    ids = data.train_set.user_ids
+    assert len(ids) == len(data.train_set) and "tempest:PROSPERO" in ids
+    block = data.train_set[ids.index("tempest:MIRANDA")][0]
+    assert len(block) == 33

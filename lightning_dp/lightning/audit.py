@@ -285,6 +285,11 @@ class PrivacyAudit(Callback):
                 + (f" over {type(loader.dataset).__name__}" if isinstance(loader, DataLoader) else "")
                 + "."
             )
+        if getattr(loader, "privacy_unit", "example") == "user":
+            raise ValueError(
+                "PrivacyAudit inserts canary *examples* and measures example-level privacy; this run's privacy unit is "
+                "the user (DPStrategy(privacy_unit='user')). Audit an example-level run, or leave PrivacyAudit out."
+            )
         sampler, batch_sampler = loader.sampler, loader.batch_sampler
         n = len(loader.dataset)
         if isinstance(batch_sampler, PoissonBatchSampler):

@@ -299,11 +299,12 @@ class PrivacyBudget(Callback):
         if loader is None:
             return
         q = strategy.sample_rate if sample_rate is None else float(sample_rate)
-        n = len(loader.dataset)  # type: ignore[arg-type]
+        n = int(getattr(loader, "unit_count", len(loader.dataset)))  # type: ignore[arg-type]
+        unit = getattr(loader, "privacy_unit", "example")
         if self.delta >= 1 / n:
             rank_zero_warn(
-                f"PrivacyBudget(delta={self.delta:g}) is not below 1/N = {1 / n:.3g} for N={n} training examples: a "
-                "mechanism that publishes one whole example would meet it. Use delta << 1/N."
+                f"PrivacyBudget(delta={self.delta:g}) is not below 1/N = {1 / n:.3g} for N={n} training {unit}s: a "
+                f"mechanism that publishes one whole {unit} would meet it. Use delta << 1/N."
             )
         _, remaining = private_steps_progress(trainer, self._tuner_max_steps(trainer))
         if self._ledger is not None and self.epsilon is None:
@@ -331,7 +332,8 @@ class PrivacyBudget(Callback):
         self._plan_base = self.history.copy()
         self._table = None  # built when first logged
         rank_zero_info(
-            f"PrivacyBudget: {self.budget.describe()}; noise multiplier {sigma:.4g}, sample rate {q:.4g}; "
+            f"PrivacyBudget{' (user-level)' if unit == 'user' else ''}: {self.budget.describe()}; noise multiplier "
+            f"{sigma:.4g}, sample rate {q:.4g}; "
             f"{self.history.steps} steps spent, the budget allows {extra} more of the {remaining:g} planned."
         )
         if self._ledger is not None:
@@ -351,7 +353,8 @@ class PrivacyBudget(Callback):
         first step; a charge that does not fit stops the fit on every rank, data untouched."""
         assert self._ledger is not None
         planned = self.history.extended(sigma, q, int(steps)) if math.isfinite(steps) and steps > 0 else self.history
-        self._ledger.reserve(trainer, self.run_id, self.history, planned)
+        unit = self._strategy.private.config.privacy_unit if self._strategy is not None else "example"
+        self._ledger.reserve(trainer, self.run_id, self.history, planned, "training" if unit == "example" else "user-level")
 
     def _commit(self, trainer: Optional[pl.Trainer], release: bool = False) -> None:
         """Commit what this fit executed; with ``release``, end its record."""

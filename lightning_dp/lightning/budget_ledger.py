@@ -70,7 +70,8 @@ class LedgerSession:
         spent = self.ledger.curve_of(history) - self.ledger.curve_of(self._base) + self._uncharged
         return np.maximum(spent, 0.0)
 
-    def reserve(self, trainer: pl.Trainer, lineage: str, history: PrivacyHistory, planned: PrivacyHistory) -> None:
+    def reserve(self, trainer: pl.Trainer, lineage: str, history: PrivacyHistory, planned: PrivacyHistory,
+                kind: str = "training") -> None:
         """Before the first step of a plan: open this fit's attempt (at its first plan) and
         reserve what the plan would spend; refused on every rank when it does not fit."""
 
@@ -85,7 +86,7 @@ class LedgerSession:
                         f"to the ledger of dataset {self.ledger.dataset!r} (trained before the ledger was attached, or "
                         "under another one): this fit's reservation charges them now."
                     )
-            return self.ledger.reserve(self._executed(planned), name=self.name, kind="training",
+            return self.ledger.reserve(self._executed(planned), name=self.name, kind=kind,
                                        run_id=self.attempt or uuid.uuid4().hex, lineage=lineage)
 
         self.attempt = self._on_rank_zero(trainer, reserve)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from lightning_dp.mechanism.adaptive_clipping import AdaptiveClipping
 from lightning_dp.mechanism.grads.engine import LossReduction
@@ -38,6 +38,12 @@ class PrivacyConfig:
     seed: Optional[int] = None
     #: ``None``: a fixed clipping norm; else how it adapts (``clipping="adaptive"``).
     adaptive_clipping: Optional[AdaptiveClipping] = None
+    #: ``"example"`` or ``"user"`` (:mod:`lightning_dp.mechanism.user_sampling`).
+    privacy_unit: str = "example"
+    #: With ``privacy_unit="user"``: each example's user (a sequence, or a callable on the dataset;
+    #: ``None``: the dataset's ``user_ids``), and the public cap on a user's examples per draw.
+    user_ids: Any = None
+    max_examples_per_user: Optional[int] = None
 
     def __post_init__(self) -> None:
         c = self.max_grad_norm
@@ -73,6 +79,24 @@ class PrivacyConfig:
             object.__setattr__(self, "private_optimizers", tuple(private))
         if self.adaptive_clipping is not None and not isinstance(self.adaptive_clipping, AdaptiveClipping):
             raise ValueError(f"adaptive_clipping must be an AdaptiveClipping or None, got {self.adaptive_clipping!r}")
+        if self.privacy_unit not in ("example", "user"):
+            raise ValueError(f"privacy_unit must be 'example' or 'user', got {self.privacy_unit!r}")
+        cap = self.max_examples_per_user
+        if self.privacy_unit == "user":
+            if not (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1):
+                raise ValueError(
+                    "privacy_unit='user' needs max_examples_per_user=k (an int >= 1): the most examples one user "
+                    f"contributes to a batch, a public cap fixed in advance; got {cap!r}"
+                )
+            if k is not None and k < cap:
+                raise ValueError(
+                    f"max_physical_batch_size={k} is below max_examples_per_user={cap}: a physical batch must hold a "
+                    "whole user (one user's contribution is clipped as one)."
+                )
+            if self.user_ids is not None and not callable(self.user_ids):
+                object.__setattr__(self, "user_ids", tuple(self.user_ids))  # a one-shot iterator survives reloads
+        elif self.user_ids is not None or cap is not None:
+            raise ValueError("user_ids and max_examples_per_user apply to privacy_unit='user'; pass it, or remove them.")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             raise ValueError(f"seed must be None (OS entropy, the safe default) or an int, got {self.seed!r}")
 

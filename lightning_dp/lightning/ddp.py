@@ -71,12 +71,17 @@ class DPDDPStrategy(RoutesPrivateStep, DDPStrategy):
         target_quantile: float = 0.5,
         clipping_learning_rate: float = 0.2,
         count_noise: Optional[float] = None,
+        privacy_unit: Literal["example", "user"] = "example",
+        user_ids: Optional[Any] = None,
+        max_examples_per_user: Optional[int] = None,
         **ddp_kwargs: Any,
     ) -> None:
         config = PrivacyConfig(max_grad_norm, noise_multiplier, max_physical_batch_size, secure_mode, loss_reduction,
                                engine, check_per_sample_grads, replace_batch_norm, seed=seed,
                                adaptive_clipping=clipping_config(clipping, target_quantile, clipping_learning_rate,
-                                                                 count_noise))
+                                                                 count_noise),
+                               privacy_unit=privacy_unit, user_ids=user_ids,
+                               max_examples_per_user=max_examples_per_user)
         super().__init__(**ddp_kwargs)
         self._own_private_step(config)
 

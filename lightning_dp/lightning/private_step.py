@@ -71,6 +71,7 @@ from lightning_dp.mechanism.sampling import (
     poisson_dataloader,
 )
 from lightning_dp.mechanism.streams import RandomStreams
+from lightning_dp.mechanism.user_sampling import user_poisson_dataloader
 
 __all__ = ["PrivateStep"]
 
@@ -221,6 +222,22 @@ class PrivateStep:
             dataloader, self.config.max_physical_batch_size, self.config.secure_mode, rank=rank,
             world_size=world_size, generator=self._fit_streams(trainer).sampling,
         )
+        if self.config.privacy_unit == "user":
+            assert self.config.max_examples_per_user is not None
+            self.train_dataloader = user_poisson_dataloader(
+                dataloader, self.config.user_ids, self.config.max_examples_per_user,
+                self.config.max_physical_batch_size, self.config.secure_mode, rank=rank, world_size=world_size,
+                generator=self._fit_streams(trainer).sampling,
+            )
+            if world_size > 1:
+                digest = self.train_dataloader.user_digest  # type: ignore[attr-defined]
+                same = digest == trainer.strategy.broadcast(digest)
+                if not trainer.strategy.reduce_boolean_decision(same, all=True):
+                    raise ValueError(
+                        f"{self.name}: the processes computed different user ids (or orders of them) for the training "
+                        "set, so one person could be sharded to two processes. Make user_ids deterministic (the same "
+                        "dataset order and ids on every process)."
+                    )
         return self.train_dataloader
 
     def _fit_streams(self, trainer: pl.Trainer) -> RandomStreams:
@@ -312,7 +329,8 @@ class PrivateStep:
         adaptive = self.config.adaptive_clipping
         if adaptive is not None and self.train_dataloader is not None:
             # Refuse a count noise too small for the noise multiplier before any step, not at the first release.
-            expected = self.train_dataloader.collate_fn.expected_size  # type: ignore[attr-defined]
+            collate: Any = self.train_dataloader.collate_fn
+            expected = float(collate.expected_size)
             adaptive.gradient_noise_multiplier(self.noise_multiplier, adaptive.count_std(expected, self.noise_multiplier))
         if self.guard is None:
             rank_zero_warn(
@@ -444,13 +462,14 @@ class PrivateStep:
         output: Any = None
         loss_sum: Optional[Tensor] = None
         with logged_once_per_step(self.module) as logs:
-            for chunk, size in zip(self._chunks_on_device(draw, batch), draw.sizes):
+            units = draw.units or (None,) * len(draw.sizes)
+            for chunk, size, unit in zip(self._chunks_on_device(draw, batch), draw.sizes, units):
                 logs.chunk_size = size
                 output, loss, grads = self.engine.compute(
                     lambda b: self._run_training_step(b, *rest, **kwargs), chunk, params, size,
                     self.config.loss_reduction,
                 )
-                mechanism.add(grads)
+                mechanism.add(grads, units=unit)  # user-level: each user's summed gradient is clipped
                 loss_sum = loss * size if loss_sum is None else loss_sum + loss * size
         self._mechanism, self._pending = mechanism, draw
         if loss_sum is None:
@@ -554,6 +573,8 @@ class PrivateStep:
         check = self.grad_check
         verified = bool(check and check.get("verified") and check.get("examples"))
         return {
+            "privacy_unit": self.config.privacy_unit,
+            "max_examples_per_user": self.config.max_examples_per_user,
             "poisson_sampling": poisson,
             "secure_mode": bool(self.config.secure_mode),
             "per_sample_gradient_check": None if check is None else dict(check),

@@ -87,6 +87,16 @@ class DPStrategy(RoutesPrivateStep, SingleDeviceStrategy):
         clipping_learning_rate: adaptive clipping's geometric learning rate (0.2).
         count_noise: adaptive clipping's noise on the count; ``None``: ``B/20`` for an expected
             batch size ``B``, at least the noise multiplier.
+        privacy_unit: ``"example"`` (default) or ``"user"``: protect people, not rows. Users join
+            each batch independently (the DataLoader's ``batch_size`` is then the expected number
+            of users per batch), a sampled user contributes at most ``max_examples_per_user``
+            examples (a fresh random subset when they have more), and the gradient of the sum of
+            their examples' losses is clipped as one; every figure is then user-level. See
+            :mod:`lightning_dp.mechanism.user_sampling`.
+        user_ids: with ``privacy_unit="user"``, each training example's user: a sequence (one
+            hashable per index), or a callable on the training dataset (for DataModules);
+            ``None``: the dataset's ``user_ids`` attribute.
+        max_examples_per_user: with ``privacy_unit="user"``, the public cap ``k`` (required).
         device: the device to train on; by default the one the Trainer's accelerator picks.
 
     Example::
@@ -126,6 +136,9 @@ class DPStrategy(RoutesPrivateStep, SingleDeviceStrategy):
         target_quantile: float = 0.5,
         clipping_learning_rate: float = 0.2,
         count_noise: Optional[float] = None,
+        privacy_unit: Literal["example", "user"] = "example",
+        user_ids: Optional[Any] = None,
+        max_examples_per_user: Optional[int] = None,
         device: Optional[Union[str, torch.device]] = None,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -136,6 +149,7 @@ class DPStrategy(RoutesPrivateStep, SingleDeviceStrategy):
             check_per_sample_grads, replace_batch_norm,
             None if private_optimizers is None else tuple(private_optimizers), seed,  # type: ignore[arg-type]
             clipping_config(clipping, target_quantile, clipping_learning_rate, count_noise),
+            privacy_unit, user_ids, max_examples_per_user,
         )
         super().__init__(
             device=device if device is not None else "cpu",

@@ -88,6 +88,8 @@ def check_manual_optimization(config: PrivacyConfig, host: DPHost, name: str) ->
             "from the per-example loss given to manual_backward (shape (batch size,)), differentiated exactly by "
             "autograd."
         )
+    if config.privacy_unit == "user":
+        raise ValueError(f"{name}(privacy_unit='user') is not supported with manual optimization yet.")
     if config.adaptive_clipping is not None:
         raise ValueError(
             f"{name}(clipping='adaptive') is not supported with manual optimization: use a fixed max_grad_norm."

@@ -73,12 +73,17 @@ class GaussianMechanism:
         #: Examples whose gradient was not finite, dropped (contributing zero), over this object's life.
         self.dropped = 0
 
-    def add(self, grads: PerExampleGrads | Sequence[Optional[Tensor]]) -> Tensor:
+    def add(self, grads: PerExampleGrads | Sequence[Optional[Tensor]], units: Optional[Sequence[int]] = None) -> Tensor:
         """Clip each example's gradient (aligned with ``params``) to norm ``C`` and add it to
-        the running sum. Returns the unclipped per-example norms (NaN for dropped examples)."""
+        the running sum. Returns the unclipped per-example norms (NaN for dropped examples).
+
+        With ``units`` (user-level privacy: ``units[u]`` consecutive examples belong to user
+        ``u``), each user's summed gradient is clipped instead, and the norms are per user."""
         if not isinstance(grads, PerExampleGrads):
             present = [g for g in grads if g is not None]
             grads = Materialized(list(grads), present[0].shape[0] if present else 0)
+        if units is not None:
+            grads = grads.grouped(units)
         if grads.batch_size == 0:
             return torch.zeros(0)
         sq = clipping_sq_norms(grads)

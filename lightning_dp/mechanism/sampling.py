@@ -116,7 +116,11 @@ class PoissonBatch:
         sizes: number of examples in each chunk (``len(sizes) == len(chunks)``).
         sample_rate: the rate ``q`` each example was drawn with.
         expected_size: the expected number of examples per draw, ``q * N``; the DP-SGD
-            update is divided by this, never by the realised size (which is private).
+            update is divided by this, never by the realised size (which is private). With
+            user-level privacy: the expected number of users.
+        units: with user-level privacy, for each chunk, the number of examples of each of its
+            users, in order (:mod:`lightning_dp.mechanism.user_sampling`); ``()``: every example
+            is its own unit.
     """
 
     whole: Any
@@ -124,6 +128,7 @@ class PoissonBatch:
     sizes: tuple[int, ...]
     sample_rate: float
     expected_size: float
+    units: tuple[tuple[int, ...], ...] = ()
 
     @property
     def size(self) -> int:

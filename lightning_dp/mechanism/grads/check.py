@@ -277,11 +277,11 @@ def check_per_sample_grads(
             with engine.disabled():
                 reference = reference_grads(params, batch_of, step, len(indices), loss_reduction, names, rtol)
         positions, n = reference.positions, reference.n
-        per_example, sq_norms = _engine_grads(engine, step, batch_of, positions, params, loss_reduction)
+        per_example, sq_norms, grouping = _engine_grads(engine, step, batch_of, positions, params, loss_reduction)
         dropped: Optional[list[list[Tensor]]] = None
         if n >= 2:
             # Cross-talk inside the engine: the others' gradients without the last example.
-            dropped, _ = _engine_grads(engine, step, batch_of, positions[:-1], params, loss_reduction)
+            dropped, _, _ = _engine_grads(engine, step, batch_of, positions[:-1], params, loss_reduction, groups=False)
 
     worst = 0.0
     bad: dict[str, float] = {}
@@ -334,7 +334,32 @@ def check_per_sample_grads(
             "(sampling, augmentation inside the step), make it deterministic for the check or pass "
             "DPStrategy(check_per_sample_grads=False) once you have verified the gradients yourself."
         )
+    if grouping is not None:
+        _check_groups(engine.name, params, per_example, *grouping)
     return worst
+
+
+def _check_groups(name: str, params: list[nn.Parameter], per_example: list[list[Tensor]], units: list[int],
+                  group_rows_: list[list[Optional[Tensor]]], group_sq: Tensor) -> None:
+    """User-level privacy clips the sum of a user's examples' gradients: the engine's grouping
+    (ghost clipping packs a user's positions side by side) must give those sums, and norms not
+    below theirs, on this model."""
+    start = 0
+    for u, n_u in enumerate(units):
+        want = [torch.stack([per_example[start + j][i] for j in range(n_u)]).sum(0) for i in range(len(params))]
+        got = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, group_rows_[u])]
+        scale = _norm(want)
+        if not _dist(got, want, 1.0) <= RTOL * 10 * scale + 1e-8:
+            raise PerSampleGradientMismatch(
+                f"The '{name}' engine's per-user gradients (examples grouped into users) are not the sums of its "
+                "per-example gradients on this model; user-level clipping would be wrong."
+            )
+        if not math.sqrt(max(float(group_sq[u]), 0.0)) >= scale * (1 - RTOL * 10) - 1e-8:
+            raise PerSampleGradientMismatch(
+                f"The '{name}' engine's per-user clipping norm is below the norm of the user's summed gradient on this "
+                "model; user-level clipping would let a user through unclipped."
+            )
+        start += n_u
 
 
 def _engine_grads(
@@ -344,20 +369,28 @@ def _engine_grads(
     positions: list[int],
     params: list[nn.Parameter],
     loss_reduction: LossReduction,
-) -> tuple[list[list[Tensor]], Tensor]:
+    groups: bool = True,
+) -> tuple[list[list[Tensor]], Tensor, Any]:
     m = len(positions)
     try:
         _, _, grads = engine.compute(step, batch_of(positions), params, m, loss_reduction)
         eye = torch.eye(m, device=_device(params))
         rows = [grads.weighted_sum(eye[k]) for k in range(m)]
         sq_norms = clipping_sq_norms(grads).detach().double().cpu()
+        units = [2] * (m // 2) + [1] * (m % 2)
+        grouped = grads.grouped(units) if groups and m >= 2 else None
+        if grouped is not None:
+            eye_u = torch.eye(len(units), device=_device(params))
+            group_rows_ = [grouped.weighted_sum(eye_u[u]) for u in range(len(units))]
+            group_sq = clipping_sq_norms(grouped).detach().double().cpu()
     except Exception as err:  # the engine crashing on this model is the check's finding
         raise PerSampleGradientMismatch(
             f"The '{engine.name}' per-sample gradient engine cannot handle this model: it failed on "
             f"a batch of {m} training examples with {type(err).__name__}: {err}"
         ) from err
     per_example = [[torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, row)] for row in rows]
-    return per_example, sq_norms
+    grouping = None if grouped is None else (units, group_rows_, group_sq)
+    return per_example, sq_norms, grouping
 
 
 def _norm(tensors: Sequence[Tensor]) -> float:

@@ -41,6 +41,25 @@ class PerExampleGrads(ABC):
         is NaN, so a zero weight alone would not do). Never modifies tensors in place: they may
         be the user's batch."""
 
+    @abstractmethod
+    def grouped(self, units: Sequence[int]) -> PerExampleGrads:
+        """The gradients of groups of consecutive examples, summed (``units[u]`` examples in
+        group ``u``): a user's contribution under user-level privacy, whose norm is the norm
+        of the sum, not the sum of the norms."""
+
+
+def unit_index(units: Sequence[int], device: Optional[torch.device] = None) -> Tensor:
+    """For each example, the index of its group."""
+    counts = torch.as_tensor(list(units), dtype=torch.long, device=device)
+    return torch.repeat_interleave(torch.arange(len(units), device=device), counts)
+
+
+def group_rows(t: Tensor, units: Sequence[int]) -> Tensor:
+    """``t``'s rows summed per group (at least float32)."""
+    wide = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    out = torch.zeros(len(units), *t.shape[1:], dtype=wide.dtype, device=t.device)
+    return out.index_add_(0, unit_index(units, t.device), wide)
+
 
 class Materialized(PerExampleGrads):
     """Per-example gradients held as tensors of shape ``(batch_size, *param.shape)``."""
@@ -70,6 +89,11 @@ class Materialized(PerExampleGrads):
 
     def drop(self, rows: Tensor) -> None:
         self.grads = [None if g is None else zero_rows(g, rows) for g in self.grads]
+
+    def grouped(self, units: Sequence[int]) -> Materialized:
+        if sum(units) != self.batch_size:
+            raise PerSampleGradientError(f"{sum(units)} examples in the users' groups, {self.batch_size} gradients")
+        return Materialized([None if g is None else group_rows(g, units) for g in self.grads], len(units))
 
 
 def clipping_sq_norms(grads: PerExampleGrads) -> Tensor:

@@ -22,7 +22,7 @@ With these, the rounding of the released sum moves one example's contribution by
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -30,7 +30,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_dp.mechanism.grads.engine import PerExampleGrads, zero_rows
+from lightning_dp.mechanism.grads.engine import (
+    PerExampleGrads,
+    PerSampleGradientError,
+    group_rows,
+    unit_index,
+    zero_rows,
+)
 
 __all__ = ["GhostGrads", "gram_bound"]
 
@@ -184,6 +190,17 @@ class _Embedding:
         return out
 
 
+def _pack(t: Tensor, units: Sequence[int]) -> Tensor:
+    """``(n, L, ...)`` to ``(len(units), max(units) * L, ...)``: each group's rows side by side,
+    zero-padded."""
+    index = unit_index(units, t.device)
+    starts = torch.cumsum(torch.as_tensor([0, *units[:-1]], device=t.device), 0)
+    position = torch.arange(t.shape[0], device=t.device) - starts[index]
+    out = torch.zeros(len(units), max(units), *t.shape[1:], dtype=t.dtype, device=t.device)
+    out[index, position] = t
+    return out.reshape(len(units), max(units) * t.shape[1], *t.shape[2:])
+
+
 def _mask(rows: Iterable[int], n: int, device: torch.device) -> Tensor:
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     mask[list(rows)] = True
@@ -251,6 +268,34 @@ class GhostGrads(PerExampleGrads):
             emb.g = zero_rows(emb.g, rows)
             emb.exact = {k: v for k, v in emb.exact.items() if not bool(rows[k])}
             emb.bound = None if emb.bound is None else torch.where(rows.to(emb.bound.device), 0.0, emb.bound)
+
+    def grouped(self, units: Sequence[int]) -> GhostGrads:
+        """Each user's examples as one longer example: their positions side by side (padded with
+        zeros, which add nothing to a Gram matrix or a sum), so a user's norm is that of the sum
+        of their gradients, with the same bounds and exact rows as any example's."""
+        if sum(units) != self.batch_size:
+            raise PerSampleGradientError(f"{sum(units)} examples in the users' groups, {self.batch_size} gradients")
+        out = GhostGrads(len(units), self.num_params)
+        out.materialized = {i: group_rows(g, units) for i, g in self.materialized.items()}
+        for r in self.linear:
+            a, g = _pack(r.a, units), _pack(r.g, units)
+            if a.shape[1] ** 2 <= a.shape[2] * g.shape[2]:
+                out.linear.append(_Linear(r.index, a, g, r.transposed, r.shape))
+            else:  # a user's many positions make the Gram larger than the gradient: form the gradient
+                spec = "upi,upo->uio" if r.transposed else "upi,upo->uoi"
+                grad = torch.einsum(spec, _wide(a), _wide(g).to(_wide(a).dtype)).reshape(len(units), *r.shape)
+                out.add_materialized(r.index, grad)
+        for e in self.embedding:
+            ids, g = _pack(e.ids, units), _pack(e.g, units)
+            if ids.shape[1] ** 2 <= e.rows * g.shape[2]:
+                out.embedding.append(_Embedding(e.index, ids, g, e.rows))
+            else:
+                wide = _wide(g)
+                flat = (ids + torch.arange(len(units), device=ids.device).unsqueeze(1) * e.rows).reshape(-1)
+                grad = torch.zeros(len(units) * e.rows, g.shape[2], dtype=wide.dtype, device=g.device)
+                out.add_materialized(e.index, grad.index_add_(0, flat, wide.reshape(-1, g.shape[2])).view(
+                    len(units), e.rows, g.shape[2]))
+        return out
 
     def _records(self) -> list[Union[_Linear, _Embedding]]:
         return [*self.linear, *self.embedding]
