@@ -17,6 +17,7 @@ __all__ = [
     "PrivacyAudit",
     "PrivacyBudget",
     "PrivacyBudgetExhausted",
+    "PMixED",
     "PrivacyLedger",
     "causal_lm_loss",
     "replace_batch_norm",
@@ -28,6 +29,7 @@ from lightning_dp._version import __version__ as __version__
 # importing Lightning and torch.
 _PUBLIC = {
     "PrivacyLedger": "lightning_dp.core.ledger",
+    "PMixED": "lightning_dp.mechanism.pmixed",
     "CanaryExposure": "lightning_dp.lightning.canary",
     "DPDDPStrategy": "lightning_dp.lightning.ddp",
     "DPStrategy": "lightning_dp.lightning.strategy",
@@ -40,6 +42,7 @@ _PUBLIC = {
 
 if TYPE_CHECKING:
     from lightning_dp.core.ledger import PrivacyLedger
+    from lightning_dp.mechanism.pmixed import PMixED
     from lightning_dp.lightning.audit import PrivacyAudit
     from lightning_dp.lightning.budget import PrivacyBudget, PrivacyBudgetExhausted
     from lightning_dp.lightning.canary import CanaryExposure
