@@ -21,6 +21,7 @@ __all__ = [
     "PrivacyLedger",
     "causal_lm_loss",
     "replace_batch_norm",
+    "train_ensemble",
 ]
 from lightning_dp._version import __version__ as __version__
 
@@ -30,6 +31,7 @@ from lightning_dp._version import __version__ as __version__
 _PUBLIC = {
     "PrivacyLedger": "lightning_dp.core.ledger",
     "PMixED": "lightning_dp.mechanism.pmixed",
+    "train_ensemble": "lightning_dp.lightning.ensemble",
     "CanaryExposure": "lightning_dp.lightning.canary",
     "DPDDPStrategy": "lightning_dp.lightning.ddp",
     "DPStrategy": "lightning_dp.lightning.strategy",
@@ -42,6 +44,7 @@ _PUBLIC = {
 
 if TYPE_CHECKING:
     from lightning_dp.core.ledger import PrivacyLedger
+    from lightning_dp.lightning.ensemble import train_ensemble
     from lightning_dp.mechanism.pmixed import PMixED
     from lightning_dp.lightning.audit import PrivacyAudit
     from lightning_dp.lightning.budget import PrivacyBudget, PrivacyBudgetExhausted

@@ -156,3 +156,30 @@ def test_a_service_reserves_its_budget_in_the_ledger(tmp_path) -> None:
     (run,) = ledger.runs()
     assert run.kind == "pmixed" and run.steps == 8 and run.status == "finished"
     assert ledger.spent() < 8.0 and math.isfinite(ledger.spent())
+
+
+def test_train_ensemble_trains_one_member_per_stable_disjoint_partition() -> None:
+    import warnings
+
+    from conftest import Classifier, make_dataset
+
+    from lightning_dp.lightning.ensemble import partition_of, train_ensemble
+
+    data = make_dataset(n=60)
+    keys = [f"record {i}" for i in range(60)]
+    with pytest.warns(UserWarning, match="WITHOUT differential privacy"):
+        members = train_ensemble(lambda m: Classifier(lr=0.5), data, 4, batch_size=8, keys=keys,
+                                 trainer_kwargs=dict(max_steps=3, accelerator="cpu", enable_progress_bar=False))
+    assert len(members) == 4
+    seen = [torch.cat([x for x, _ in m.seen]) for m in members]
+    rows = [{tuple(r.tolist()) for r in s} for s in seen]
+    assert all(not (rows[a] & rows[b]) for a in range(4) for b in range(a + 1, 4))  # disjoint
+    assert len({id(p) for m in members for p in m.parameters()}) == 4 * len(list(members[0].parameters()))
+    # A record's partition depends on its id alone: adding a record changes one member's data.
+    before = [partition_of(k, 4) for k in keys]
+    after = [partition_of(k, 4) for k in [*keys[:30], "a new record", *keys[30:]]]
+    assert after[:30] + after[31:] == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="empty"):
+            train_ensemble(lambda m: Classifier(), make_dataset(n=3), 8)
