@@ -8,12 +8,12 @@ and stay inside this process. Phase II answers one query per token with
 :class:`lightning_dp.PMixED` (each member sampled with rate ``--sample-rate``, projected onto a
 Renyi ball around the public model, averaged). The evaluation scores every token of
 ``--eval-blocks`` held-out blocks, each a query, under **one** budget over the whole evaluation
-(the paper restarts a fresh budget every 1024-token window; here the budget covers every token
-scored), and compares the per-token perplexity with the public model, one non-private LoRA
+and a short sample (the paper restarts a fresh budget every 1024-token window; here one budget
+covers every token scored and sampled), and compares the per-token perplexity with the public model, one non-private LoRA
 fine-tune on all the training blocks, and (unless ``--no-dpsgd``) DP-SGD LoRA fine-tuning at the
 same epsilon and delta on the same data.
 
-    python examples/pmixed_generate.py --fast     # a few minutes on 2 CPU cores
+    python examples/pmixed_generate.py --fast     # about a minute on 2 CPU cores
     python examples/pmixed_generate.py
 
 ``main(argv)`` returns the figures it prints.
@@ -36,10 +36,14 @@ from torch.utils.data import TensorDataset  # noqa: E402
 
 import finetune_llm as ft  # noqa: E402  (the SmolLM2 loading, blocks and LoRA of the fine-tuning example)
 from lightning_dp import PMixED  # noqa: E402
+from lightning_dp.report import PrivacyRecord, build_report, print_report  # noqa: E402
 from lightning_dp.lightning.ensemble import train_ensemble  # noqa: E402
+from lightning_dp.mechanism.lora_ensemble import LoRAEnsemble  # noqa: E402
 
-FAST = dict(block_size=16, members=4, member_steps=6, batch_size=8, eval_blocks=2, val_blocks=16, dpsgd_steps=12)
-FULL = dict(block_size=32, members=8, member_steps=30, batch_size=16, eval_blocks=8, val_blocks=64, dpsgd_steps=60)
+FAST = dict(block_size=16, members=4, member_steps=3, batch_size=8, eval_blocks=1, val_blocks=16, dpsgd_steps=4,
+            sample_tokens=8)
+FULL = dict(block_size=32, members=8, member_steps=30, batch_size=16, eval_blocks=8, val_blocks=64, dpsgd_steps=60,
+            sample_tokens=32)
 
 
 def _last_logits(model: torch.nn.Module) -> Any:
@@ -83,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     tokenizer, base = ft.load_pretrained(ft.find_gguf())
     train_set, val_set = ft.split_blocks(ft.token_blocks(tokenizer, s["block_size"]), s["val_blocks"], args.seed)
     eval_blocks = val_set[: s["eval_blocks"]]
-    queries = int(eval_blocks.numel() - len(eval_blocks))
+    queries = int(eval_blocks.numel() - len(eval_blocks))  # scored tokens; the sample's tokens come on top
 
     # Phase I: the members, non-private, one per partition of the training blocks.
     members = train_ensemble(
@@ -93,12 +97,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
     phase1 = time.perf_counter() - started
 
-    # Phase II: every scored token is one query of one budget.
-    service = PMixED(_last_logits(base), [_last_logits(m.model.eval()) for m in members], epsilon=args.epsilon,
-                     delta=args.delta, query_budget=queries, sample_rate=args.sample_rate)
+    # Phase II: every scored token is one query of one budget. The members' adapters are stacked on
+    # one copy of the base (one batch per query, key-value caches); the trained members are dropped.
+    ensemble = LoRAEnsemble([m.model for m in members])
+    del members
+    service = PMixED(ensemble.public, ensemble, epsilon=args.epsilon, delta=args.delta,
+                     query_budget=queries + s["sample_tokens"], sample_rate=args.sample_rate)
     start = time.perf_counter()
     pmixed_nll = token_nll(lambda ids: service.next_token_distribution(ids), eval_blocks)
     pmixed_seconds = time.perf_counter() - start
+    prompt = val_set[-1][: s["block_size"] // 2]
+    sample = tokenizer.decode(service.generate(prompt, s["sample_tokens"]).tolist())
+    report = build_report(PrivacyRecord.of_service(service))
     public_nll = token_nll(lambda ids: torch.softmax(_last_logits(base)(ids).double(), 0), eval_blocks)
 
     # One non-private fine-tune on all the training blocks, and DP-SGD at the same (epsilon, delta).
@@ -109,7 +119,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     nonprivate, _ = ft.train(base, train_set, comparison_args, settings, private=False)
     nonprivate_nll = token_nll(lambda ids: torch.softmax(_last_logits(nonprivate.eval())(ids).double(), 0), eval_blocks)
     result: dict[str, Any] = {
-        "queries": queries, "members": s["members"], "sample_rate": args.sample_rate, "beta": service.beta,
+        "queries": service.queries_used, "scored": queries, "sample": sample, "report": report,
+        "members": s["members"], "sample_rate": args.sample_rate, "beta": service.beta,
         "alpha": service.alpha, "epsilon": service.epsilon_spent, "delta": args.delta,
         "ppl_pmixed": math.exp(sum(pmixed_nll) / queries), "ppl_public": math.exp(sum(public_nll) / queries),
         "ppl_nonprivate": math.exp(sum(nonprivate_nll) / queries), "phase1_seconds": phase1,
@@ -121,6 +132,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         dpsgd_nll = token_nll(lambda ids: torch.softmax(_last_logits(dpsgd.eval())(ids).double(), 0), eval_blocks)
         result.update(ppl_dpsgd=math.exp(sum(dpsgd_nll) / queries), dpsgd_epsilon=info["epsilon"])
     result["total_seconds"] = time.perf_counter() - started
+    print_report(report)
     _print(result)
     return result
 
@@ -132,7 +144,8 @@ def _print(r: dict[str, Any]) -> None:
           f"order {r['alpha']}, ball radius beta {r['beta']:.4g}")
     print(f"epsilon spent:        {r['epsilon']:.3f} over {r['queries']} queries (delta {r['delta']:g}; the privacy unit "
           "is one partition)")
-    print(f"per-token perplexity on the same {r['queries']} held-out tokens:")
+    print(f"PMixED sample:        {r['sample']!r}")
+    print(f"per-token perplexity on the same {r['scored']} held-out tokens:")
     print(f"  public model         {r['ppl_public']:.2f}")
     print(f"  PMixED               {r['ppl_pmixed']:.2f}")
     if "ppl_dpsgd" in r:

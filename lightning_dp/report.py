@@ -76,6 +76,26 @@ class PrivacyRecord:
     ledger_verified: bool = True
     #: The dataset's ledger (:meth:`~lightning_dp.core.ledger.PrivacyLedger.summary`), or ``None``.
     dataset_ledger: Optional[dict[str, Any]] = None
+    #: What one unit of privacy is when it is not one training example (a PMixED partition).
+    privacy_unit: Optional[str] = None
+
+    @classmethod
+    def of_service(cls, service: Any) -> PrivacyRecord:
+        """The record of a private service that answers queries within a budget (a
+        :class:`~lightning_dp.PMixED`): its ``history``, ``delta``, ``epsilon`` and ``privacy_unit``.
+
+        Example:
+            >>> import torch
+            >>> from lightning_dp import PMixED
+            >>> service = PMixED(lambda ids: torch.zeros(4), [lambda ids: torch.ones(4)] * 2, epsilon=8.0,
+            ...                  delta=1e-5, query_budget=10, sample_rate=1.0)
+            >>> _ = service.next_token_distribution(torch.tensor([0]))
+            >>> report = build_report(PrivacyRecord.of_service(service))
+            >>> report["steps"], report["privacy_unit"], abs(report["epsilon"] - service.epsilon_spent) < 1e-9
+            (1, 'one partition of the private data (every record in it together)', True)
+        """
+        return cls(service.history, delta=service.delta, accountant="rdp", epsilon_budget=service.epsilon,
+                   privacy_unit=service.privacy_unit)
 
 
 def build_report(record: PrivacyRecord) -> dict[str, Any]:
@@ -134,6 +154,7 @@ def build_report(record: PrivacyRecord) -> dict[str, Any]:
         "stopped_reason": record.stopped_reason,
         "ledger_verified": record.ledger_verified,
         "dataset_ledger": record.dataset_ledger,
+        "privacy_unit": record.privacy_unit,
         "run_id": record.run_id,
         "resumed_at": list(record.resumed_at),
         "budget_changes": [list(c) for c in record.budget_changes],
@@ -218,6 +239,8 @@ def print_report(report: dict[str, Any], console: Optional[Any] = None) -> None:
     if (checks or {}).get("privacy_unit") == "user":
         table.add_row("privacy unit", f"user (at most {checks['max_examples_per_user']} examples each per batch): "
                                       "every figure above protects a person's examples together")
+    if report.get("privacy_unit"):
+        table.add_row("privacy unit", f"{report['privacy_unit']}: every figure above protects it as a whole")
     if (checks or {}).get("non_finite_examples_dropped"):
         table.add_row("examples dropped", "some had a non-finite gradient and contributed nothing (see the log)")
     if report.get("ledger_verified") is False:

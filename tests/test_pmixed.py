@@ -87,6 +87,35 @@ def test_exhaustive_audit_of_four_members_stays_within_the_per_query_budget(q: f
     assert worst > 0.05 * budget  # not vacuous (the bound's tightness: the next test)
 
 
+@pytest.mark.parametrize("q", [1e-9, 1e-3])
+def test_rare_sampling_calibrates_soundly_and_float_cancellation_is_caught(q: float, monkeypatch) -> None:
+    from lightning_dp.core import pmixed_accounting as pa
+
+    alpha, budget = 3, eps_rdp_from_dp(8.0, 1e-5, 3) / 16
+    beta = calibrate_beta(budget, q, alpha, "replace_one", n=3)
+    assert math.isfinite(beta) and per_query_rdp(beta, q, alpha, "replace_one", n=3) <= budget
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for _ in range(20):
+        p0 = _softmax(rng.normal(size=5) * 4)
+        members = [_softmax(rng.normal(size=5) * 8) for _ in range(4)]
+        full = _output(members, p0, q, beta, alpha)
+        neighbour = _output(members[:-1] + [_softmax(rng.normal(size=5) * 8)], p0, q, beta, alpha)
+        worst = max(worst, _renyi(full, neighbour, alpha), _renyi(neighbour, full, alpha))
+    assert worst <= budget
+    # The sampling terms in plain floats (as first written) cancel at q = 1e-9: the guard refuses the result.
+    def floats(n: int, q: float) -> tuple[float, float, float, float, float]:
+        u = 1.0 - q
+        un, rho = u**n, (1.0 - u ** (n + 1)) / ((n + 1) * q)
+        gamma = (rho - un) / (1 - un)
+        return un, rho, 1 - un, gamma, rho - gamma
+
+    monkeypatch.setattr(pa, "_sampling", floats)
+    if q == 1e-9:
+        with pytest.raises(ArithmeticError, match="failed numerically"):
+            per_query_rdp(4.0, q, alpha, "replace_one", n=3)
+
+
 def test_the_bound_is_nearly_attained_by_one_member_at_rate_one() -> None:
     # q = 1, one member: the output is the projection itself, whose order-3 divergence from p0 the
     # ball caps at 3 beta (the higher orders bind a little before it here: 0.71 of the bound).
@@ -183,3 +212,118 @@ def test_train_ensemble_trains_one_member_per_stable_disjoint_partition() -> Non
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="empty"):
             train_ensemble(lambda m: Classifier(), make_dataset(n=3), 8)
+
+
+# ------------------------------------------------------------ members as adapters of one base
+def _tiny_lora_members(n: int = 3) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """A Llama with the default config but tiny sizes, and ``n`` peft members with distinct
+    (non-zero) adapters."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return base, [get_peft_model(copy.deepcopy(base), lora).eval() for _ in range(n)]
+
+
+def _last(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids.reshape(1, -1)).logits[0, -1]
+
+
+def test_lora_ensemble_answers_like_each_member_across_cached_and_reset_contexts() -> None:
+    from lightning_dp.mechanism.lora_ensemble import LoRAEnsemble
+
+    base, members = _tiny_lora_members()
+    ensemble = LoRAEnsemble(members)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 40, (5,), generator=g)
+    contexts = [prompt[:k] for k in range(1, 6)]  # growing, as in generation
+    contexts += [prompt[:3], torch.cat([prompt[:2], torch.tensor([7, 8])]), torch.tensor([9]), prompt, prompt]
+    rows = [[0, 2], [1], [0, 1, 2], [2], [1, 2], [0], [0, 1], [2], [0]]
+    for ids, sampled in zip(contexts, itertools.cycle(rows)):
+        public, got = ensemble.logits(ids, sampled)
+        assert torch.allclose(public, _last(base, ids), atol=1e-5)
+        want = torch.stack([_last(members[i], ids) for i in sampled])
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_an_unsampled_member_never_reaches_the_answer_and_other_bases_are_refused() -> None:
+    import copy
+
+    from lightning_dp.mechanism.lora_ensemble import LoRAEnsemble
+
+    base, members = _tiny_lora_members()
+    ensemble = LoRAEnsemble(members)
+    ids = torch.tensor([3, 1, 4, 1, 5])
+    before = ensemble.member_logits(ids, [0, 2])
+    with torch.no_grad():  # poison member 1's adapter: its row turns NaN, the others must not
+        for layer in ensemble._stacked:
+            layer.a_t[1].fill_(float("nan"))
+    assert torch.isnan(ensemble.member_logits(torch.tensor([2, 7]), [1])).all()  # the check can fail
+    after = ensemble.member_logits(ids, [0, 2])
+    assert torch.isfinite(after).all() and torch.allclose(before, after, atol=1e-5)
+    other = copy.deepcopy(members[1])
+    with torch.no_grad():
+        next(p for n, p in other.named_parameters() if "embed_tokens" in n).add_(0.01)
+    with pytest.raises(ValueError, match="base weights differ"):
+        LoRAEnsemble([members[0], other])
+    with pytest.raises(TypeError, match="not a peft model"):
+        LoRAEnsemble([base])
+
+
+def test_pmixed_over_a_lora_ensemble_equals_pmixed_over_separate_members_and_skips_them_unsampled() -> None:
+    from lightning_dp.mechanism.lora_ensemble import LoRAEnsemble
+
+    base, members = _tiny_lora_members(4)
+    ensemble = LoRAEnsemble(members)
+    batched = PMixED(ensemble.public, ensemble, 8.0, 1e-5, 16, 0.5, generator=torch.Generator().manual_seed(5))
+    separate = PMixED(lambda ids: _last(base, ids), [lambda ids, m=m: _last(m, ids) for m in members], 8.0, 1e-5, 16,
+                      0.5, generator=torch.Generator().manual_seed(5))
+    a, b = batched.generate(torch.tensor([1, 2]), 6), separate.generate(torch.tensor([1, 2]), 6)
+    assert torch.equal(a, b)
+    for k in range(2, len(a) + 1):
+        assert torch.allclose(batched.next_token_distribution(a[:k]), separate.next_token_distribution(a[:k]),
+                              atol=1e-6)
+    # A service whose queries sample no member never runs the members' rows (only batches of one, the public model's).
+    rows: list[int] = []
+    ensemble = LoRAEnsemble(members)
+    ensemble.model.model.embed_tokens.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    quiet = PMixED(ensemble.public, ensemble, 8.0, 1e-5, 8, 1e-9, generator=torch.Generator().manual_seed(0))
+    quiet.generate(torch.tensor([1]), 8)
+    assert rows == [1] * 8
+    busy = PMixED(ensemble.public, ensemble, 8.0, 1e-5, 2, 1.0, generator=torch.Generator().manual_seed(0))
+    busy.generate(torch.tensor([1]), 2)
+    assert rows[8:] == [1, 4, 1, 4]  # the check can fail: sampled members run as one batch of four rows
+
+
+def test_trainer_predict_generates_through_the_service_and_the_report_covers_it(tmp_path) -> None:
+    import json
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dp.lightning.pmixed_module import PMixEDModule, prompts_of
+    from lightning_dp.report import PrivacyRecord, build_report, write_report
+
+    members = [Counting(k) for k in range(4)]
+    service = PMixED(lambda ids: torch.zeros(5), members, 8.0, 1e-5, 10, 0.5, generator=torch.Generator().manual_seed(2))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    prompts = DataLoader(TensorDataset(torch.tensor([[0, 1], [2, 3], [4, 0]])), batch_size=2)
+    out = trainer.predict(PMixEDModule(service, max_new_tokens=3), prompts)
+    assert [len(s) for batch in out for s in batch] == [5, 5, 5] and service.queries_used == 9
+    with pytest.raises(PrivacyBudgetExhausted):  # the tenth query is the last one in the budget
+        trainer.predict(PMixEDModule(service, max_new_tokens=2), prompts)
+    assert service.queries_used == 10
+    padded = {"input_ids": torch.tensor([[0, 0, 7, 8], [1, 2, 3, 4]]),
+              "attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])}
+    assert [p.tolist() for p in prompts_of(padded)] == [[7, 8], [1, 2, 3, 4]]
+    report = build_report(PrivacyRecord.of_service(service))
+    assert report["epsilon"] == pytest.approx(service.epsilon_spent, abs=1e-9) and report["steps"] == 10
+    assert report["epsilon"] == pytest.approx(8.0, abs=1e-9) and "partition" in report["privacy_unit"]
+    path, _ = write_report(report, tmp_path, history=service.history)
+    assert json.loads(path.read_text())["segments"][0]["name"] == "pmixed query"

@@ -32,9 +32,11 @@ in Renyi DP at order ``alpha`` (Mironov 2017), and the total converts to ``(epsi
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
+import mpmath
 import numpy as np
 
 __all__ = ["calibrate_beta", "default_order", "dp_from_rdp", "eps_rdp_from_dp", "per_query_rdp"]
@@ -109,12 +111,24 @@ def abs_moment_bound(k: int, M: dict[int, float]) -> float:
 # ---------------------------------------------------------------- per-n bounds -------------------
 def _rho_u(n: int, q: float) -> tuple[float, float]:
     """u^n (probability that none of the n others is sampled) and rho_n = E[1/(1+Bin(n,q))]."""
+    return _sampling(n, q)[:2]
+
+
+@functools.lru_cache(maxsize=65536)
+def _sampling(n: int, q: float) -> tuple[float, float, float, float, float]:
+    """``(u^n, rho_n, 1 - u^n, gamma = (rho_n - u^n) / (1 - u^n), rho_n - gamma)`` with ``u = 1 - q``, each correct to
+    float precision. In floats, ``rho_n - u^n`` and ``1 - u^n`` cancel catastrophically at small
+    ``q`` (at q = 1e-9 the ratio came out above 1, a factor ``(1 - gamma)^odd`` turned negative and
+    the "bound" on a moment that is at least 1 was -1.6e13), so they are computed with 50 digits."""
     if q >= 1.0:
-        return (1.0 if n == 0 else 0.0), 1.0 / (n + 1)
-    u = 1.0 - q
-    un = u ** n
-    rho = (1.0 - u ** (n + 1)) / ((n + 1) * q)
-    return un, rho
+        return (1.0 if n == 0 else 0.0), 1.0 / (n + 1), (0.0 if n == 0 else 1.0), 1.0 / (n + 1), 0.0
+    with mpmath.workdps(50):
+        qq = mpmath.mpf(q)
+        u = 1 - qq
+        un = u ** n
+        rho = (1 - u ** (n + 1)) / ((n + 1) * qq)
+        gamma = (rho - un) / (1 - un) if n > 0 else mpmath.mpf(0)
+        return float(un), float(rho), float(1 - un), float(gamma), float(rho - gamma)
 
 
 def _mj(j: int, beta: float, J: Orders) -> float:
@@ -130,7 +144,7 @@ def _ej(j: int, beta: float) -> float:
 def _GH(n: int, q: float, beta: float, alpha: int, J: Orders, tail: bool = False) -> tuple[dict[int, float], dict[int, float]]:
     """Bounds G_k >= M_k(R||mu0) and H_k >= M_k(mu0||R), k = 2..alpha, for n other members.
     tail=True: bounds valid simultaneously for every n' >= n (used for the supremum over n)."""
-    un, rho = _rho_u(n, q)
+    un, rho, one_minus_un, gamma, rho_minus_gamma = _sampling(n, q)
     u = 1.0 - q
     G: dict[int, float] = {0: 1.0, 1: 1.0}
     H: dict[int, float] = {0: 1.0, 1: 1.0}
@@ -143,10 +157,9 @@ def _GH(n: int, q: float, beta: float, alpha: int, J: Orders, tail: bool = False
         gam, c_pair = rho, 0.0        # u^n = 0 for n >= 1
     elif tail:
         gam = rho                                # gamma <= rho
-        c_pair = un / (1 - un)                   # (rho-gamma) <= u^n/(1-u^n), decreasing in n
+        c_pair = un / one_minus_un               # (rho-gamma) <= u^n/(1-u^n), decreasing in n
     else:
-        gam = (rho - un) / (1 - un)
-        c_pair = rho - gam
+        gam, c_pair = gamma, rho_minus_gamma
     for k in range(2, alpha + 1):
         la, lb = log_a(k, beta), log_b(k, beta, J)
         # (c1)/(c2): pairing (1-rho)A <-> (1-rho)A, rho B <-> rho Z, Z = theta p0 + (1-theta) A
@@ -161,7 +174,7 @@ def _GH(n: int, q: float, beta: float, alpha: int, J: Orders, tail: bool = False
             if q >= 1.0:
                 w = 0.0
             elif tail:
-                w = min(u ** (n / j) * ej / (1 - un), c_pair * (mj + ej))
+                w = min(u ** (n / j) * ej / one_minus_un, c_pair * (mj + ej))
             else:
                 w = min(c_pair * un ** (-(j - 1) / j) * ej, c_pair * (mj + ej))
             g3 += math.comb(k, j) * (gam * mj + w) ** j
@@ -190,6 +203,9 @@ def _GH(n: int, q: float, beta: float, alpha: int, J: Orders, tail: bool = False
         h4 = (Sr + cc * math.exp(la)) if tail else ((1 - cc) * Sr + cc * math.exp(la))
         G[k] = min(g12, g3, g4)
         H[k] = min(h12, h3, h4)
+    # A moment M_k is at least 1: a smaller (or NaN) "bound" is a numerical failure, never a valid bound.
+    if not all(v >= 1.0 - 1e-9 for v in (*G.values(), *H.values())):
+        raise ArithmeticError(f"PMixED bound failed numerically at n={n}, q={q!r}, beta={beta!r}: moments {G}, {H}")
     return G, H
 
 
@@ -279,9 +295,12 @@ def calibrate_beta(eps_q: float, q: float, alpha: int, relation: str = "add_remo
                    n: Optional[int] = None, J: Optional[Orders] = None) -> float:
     """Largest beta (bisection, always returning a feasible beta) with per-query bound <= eps_q."""
     def bound(b: float) -> float:
-        if n is None:
-            return per_query_rdp_sup(b, q, alpha, relation, J)
-        return per_query_rdp(b, q, alpha, relation, n, J)
+        try:
+            if n is None:
+                return per_query_rdp_sup(b, q, alpha, relation, J)
+            return per_query_rdp(b, q, alpha, relation, n, J)
+        except OverflowError:  # a radius so large that the moments overflow: far outside the budget
+            return math.inf
     lo, hi = 0.0, 1.0
     while bound(hi) <= eps_q:
         lo, hi = hi, hi * 2
