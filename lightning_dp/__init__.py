@@ -19,6 +19,9 @@ __all__ = [
     "PrivacyBudgetExhausted",
     "PMixED",
     "PrivacyLedger",
+    "PrivateEvolution",
+    "LoRAEnsemble",
+    "PMixEDModule",
     "causal_lm_loss",
     "replace_batch_norm",
     "train_ensemble",
@@ -32,6 +35,9 @@ _PUBLIC = {
     "PrivacyLedger": "lightning_dp.core.ledger",
     "PMixED": "lightning_dp.mechanism.pmixed",
     "train_ensemble": "lightning_dp.lightning.ensemble",
+    "PrivateEvolution": "lightning_dp.lightning.synthetic",
+    "LoRAEnsemble": "lightning_dp.mechanism.lora_ensemble",
+    "PMixEDModule": "lightning_dp.lightning.pmixed_module",
     "CanaryExposure": "lightning_dp.lightning.canary",
     "DPDDPStrategy": "lightning_dp.lightning.ddp",
     "DPStrategy": "lightning_dp.lightning.strategy",
@@ -46,6 +52,9 @@ if TYPE_CHECKING:
     from lightning_dp.core.ledger import PrivacyLedger
     from lightning_dp.lightning.ensemble import train_ensemble
     from lightning_dp.mechanism.pmixed import PMixED
+    from lightning_dp.lightning.synthetic import PrivateEvolution
+    from lightning_dp.mechanism.lora_ensemble import LoRAEnsemble
+    from lightning_dp.lightning.pmixed_module import PMixEDModule
     from lightning_dp.lightning.audit import PrivacyAudit
     from lightning_dp.lightning.budget import PrivacyBudget, PrivacyBudgetExhausted
     from lightning_dp.lightning.canary import CanaryExposure

@@ -82,7 +82,8 @@ class PrivacyRecord:
     @classmethod
     def of_service(cls, service: Any) -> PrivacyRecord:
         """The record of a private service that answers queries within a budget (a
-        :class:`~lightning_dp.PMixED`): its ``history``, ``delta``, ``epsilon`` and ``privacy_unit``.
+        :class:`~lightning_dp.PMixED`) or of a synthesis job's result (Private Evolution): its
+        ``privacy_history`` (or ``history``), ``delta``, ``epsilon``, ``privacy_unit`` and ``accountant``.
 
         Example:
             >>> import torch
@@ -94,8 +95,9 @@ class PrivacyRecord:
             >>> report["steps"], report["privacy_unit"], abs(report["epsilon"] - service.epsilon_spent) < 1e-9
             (1, 'one partition of the private data (every record in it together)', True)
         """
-        return cls(service.history, delta=service.delta, accountant="rdp", epsilon_budget=service.epsilon,
-                   privacy_unit=service.privacy_unit)
+        history = getattr(service, "privacy_history", None) or service.history
+        return cls(history, delta=service.delta, accountant=getattr(service, "accountant", "rdp"),
+                   epsilon_budget=service.epsilon, privacy_unit=service.privacy_unit)
 
 
 def build_report(record: PrivacyRecord) -> dict[str, Any]:

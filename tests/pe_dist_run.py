@@ -1,0 +1,38 @@
+"""Private Evolution on 2 CPU processes (gloo), each holding a shard of the private set, for
+tests/test_private_evolution.py.
+
+    python tests/pe_dist_run.py RANK WORLD_SIZE PORT OUT_DIR
+
+Each rank writes OUT_DIR/rank{r}.pt: its clean histogram of a fixed population (summed over the
+processes) and the samples of a whole PE run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from pe_toys import private_set, toy_evolution  # noqa: E402
+from lightning_dp.mechanism.private_evolution import PrivateVotes  # noqa: E402
+
+
+def main(rank: int, world: int, port: int, out: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x, y = private_set()
+    shard = slice(rank, None, world)  # each process votes with its own shard only
+    population = {c: torch.randn(30, 2, generator=torch.Generator().manual_seed(c)) for c in range(3)}
+    votes = PrivateVotes(x[shard], y[shard], [0, 1, 2], lambda s: s, 2, "l2", 7, None)
+    clean = votes.histograms(population)
+    result = toy_evolution().fit(x[shard], y[shard])
+    torch.save({"clean": clean, "samples": result.samples, "labels": result.labels,
+                "history": result.history}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
