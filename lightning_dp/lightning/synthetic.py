@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -41,16 +41,18 @@ class _Pairs(Dataset):
 
 
 class SyntheticDataModule(pl.LightningDataModule):
-    """``train_dataloader`` over the synthetic ``(sample, label)`` pairs of ``result`` (shuffled)."""
+    """``train_dataloader`` over the synthetic ``(sample, label)`` pairs of ``result`` (shuffled);
+    ``transform`` maps all the samples once (e.g. parameters to images: post-processing, free)."""
 
-    def __init__(self, result: PEResult, batch_size: int = 64, num_workers: int = 0) -> None:
+    def __init__(self, result: PEResult, batch_size: int = 64, num_workers: int = 0,
+                 transform: Optional[Callable[[Any], Any]] = None) -> None:
         super().__init__()
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        self.result, self.batch_size, self.num_workers = result, batch_size, num_workers
+        self.result, self.batch_size, self.num_workers, self.transform = result, batch_size, num_workers, transform
 
     def dataset(self) -> Dataset:
-        samples = self.result.samples
+        samples = self.result.samples if self.transform is None else self.transform(self.result.samples)
         if isinstance(samples, torch.Tensor):
             return TensorDataset(samples, self.result.labels)
         return _Pairs(samples, self.result.labels)
@@ -63,9 +65,10 @@ class SyntheticDataModule(pl.LightningDataModule):
 class SyntheticData(PEResult):
     """A :class:`~lightning_dp.mechanism.private_evolution.PEResult` with :meth:`datamodule`."""
 
-    def datamodule(self, batch_size: int = 64, num_workers: int = 0) -> SyntheticDataModule:
-        """A LightningDataModule over the synthetic samples and labels."""
-        return SyntheticDataModule(self, batch_size=batch_size, num_workers=num_workers)
+    def datamodule(self, batch_size: int = 64, num_workers: int = 0,
+                   transform: Optional[Callable[[Any], Any]] = None) -> SyntheticDataModule:
+        """A LightningDataModule over the synthetic samples (mapped by ``transform``) and labels."""
+        return SyntheticDataModule(self, batch_size=batch_size, num_workers=num_workers, transform=transform)
 
 
 class PrivateEvolution(_PrivateEvolution):

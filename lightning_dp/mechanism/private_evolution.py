@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import secrets
@@ -237,9 +238,12 @@ class PrivateEvolution:
         random_api: ``random_api(class_label, n)``: ``n`` new samples of a class (``None`` for
             unlabelled data); public: it must not see the private data.
         variation_api: ``variation_api(samples, strength)``: one variation of each sample,
-            ``strength`` in ``(0, 1]`` from ``variation_strengths`` (larger: a bigger change).
+            ``strength`` in ``(0, 1]`` from ``variation_strengths`` (larger: a bigger change). If
+            it has a parameter named ``label``, the samples' class is passed too (a prompt per class).
         embed: ``embed(samples)``: a ``(n, d)`` tensor; fixed and public (it embeds the private
-            data too, inside :class:`PrivateVotes`).
+            data too, inside :class:`PrivateVotes`, unless ``private_embed`` is given).
+        private_embed: the embedding of the private samples when they are not of the synthetic
+            samples' kind (e.g. images against a simulator's parameters); the same space as ``embed``.
         num_samples: the population's size during the evolution, over all classes.
         iterations: ``T``, the number of noisy histograms.
         epsilon, delta: the target; ``sigma`` is calibrated to it. Or give ``noise_multiplier``.
@@ -290,6 +294,7 @@ class PrivateEvolution:
         variation_strengths: Union[None, Sequence[float], Callable[[int], float]] = None,
         final_samples: Optional[int] = None,
         metric: Optional[Callable[[Samples, Tensor], float]] = None,
+        private_embed: Optional[Callable[[Samples], Tensor]] = None,
         ledger: Any = None,
         name: str = "private-evolution",
         chunk_size: int = 4096,
@@ -328,6 +333,11 @@ class PrivateEvolution:
         if num_samples < len(self.classes):
             raise ValueError(f"num_samples ({num_samples}) must give every one of the {len(self.classes)} classes a sample")
         self.random_api, self.variation_api, self.embed = random_api, variation_api, embed
+        self.private_embed = private_embed if private_embed is not None else embed
+        try:
+            self._vary_with_label = "label" in inspect.signature(variation_api).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            self._vary_with_label = False
         self.num_samples, self.iterations, self.delta = int(num_samples), iterations, float(delta)
         self.final_samples = int(final_samples) if final_samples is not None else self.num_samples
         self.threshold, self.lookahead, self.num_neighbors, self.distance = float(threshold), lookahead, num_neighbors, distance
@@ -372,11 +382,16 @@ class PrivateEvolution:
             sizes[i] += 1
         return [max(1, n) for n in sizes]
 
-    def _embed_population(self, samples: Samples, strength: float) -> Tensor:
+    def _variation(self, samples: Samples, strength: float, label: Any) -> Samples:
+        if self._vary_with_label:
+            return self.variation_api(samples, strength, label=label)  # type: ignore[call-arg]
+        return self.variation_api(samples, strength)
+
+    def _embed_population(self, samples: Samples, strength: float, label: Any) -> Tensor:
         if self.lookahead == 0:
             emb = torch.as_tensor(self.embed(samples))
         else:
-            emb = torch.stack([torch.as_tensor(self.embed(self.variation_api(samples, strength))).float()
+            emb = torch.stack([torch.as_tensor(self.embed(self._variation(samples, strength, label))).float()
                                for _ in range(self.lookahead)]).mean(0)
         emb = emb.reshape(_len(samples), -1)
         return emb.to(self.device) if self.device is not None else emb
@@ -390,11 +405,11 @@ class PrivateEvolution:
             return order[:n] if n <= len(order) else order[torch.arange(n) % len(order)], False
         return torch.multinomial(counts.cpu().float(), n, replacement=True, generator=self.generator), False
 
-    def _vary(self, parents: Samples, strength: float) -> Samples:
-        return _concat([self.variation_api(parents, strength) for _ in range(self.variations_per_parent)])
+    def _vary(self, parents: Samples, strength: float, label: Any) -> Samples:
+        return _concat([self._variation(parents, strength, label) for _ in range(self.variations_per_parent)])
 
     def _votes(self, private_x: Samples, private_y: Optional[Sequence[Any]]) -> PrivateVotes:
-        return PrivateVotes(private_x, private_y, self.classes, self.embed, self.num_neighbors, self.distance,
+        return PrivateVotes(private_x, private_y, self.classes, self.private_embed, self.num_neighbors, self.distance,
                             self.chunk_size, self.device)
 
     # ------------------------------------------------------------------ the job
@@ -444,7 +459,7 @@ class PrivateEvolution:
         bar = _progress(self.iterations, self.progress and rank0)
         for t in range(1, self.iterations + 1):
             strength = self.strengths[t - 1]
-            embedded = _broadcast({c: self._embed_population(population[c], strength) for c in self.classes}
+            embedded = _broadcast({c: self._embed_population(population[c], strength, c) for c in self.classes}
                                   if rank0 else None)
             clean = votes.histograms(embedded)
             # One Gaussian mechanism over every bin of every class, added once (by rank 0).
@@ -459,7 +474,7 @@ class PrivateEvolution:
                     counts = (noisy[c] - self.threshold).clamp_min(0)
                     parents, empty = self._select(counts, n_next)
                     zero += int(empty)
-                    nxt[c] = self._vary(_take(population[c], parents.tolist()), strength)
+                    nxt[c] = self._vary(_take(population[c], parents.tolist()), strength, c)
                 if zero:
                     warnings.warn(f"Private Evolution iteration {t}: {zero} class(es) had no count above the threshold "
                                   f"{self.threshold:g}; their parents were drawn uniformly (lower the threshold, or give "
