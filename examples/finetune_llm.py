@@ -84,17 +84,25 @@ def find_gguf() -> Path:
 
 
 def load_pretrained(gguf: Path) -> tuple[Any, nn.Module]:
-    """Tokenizer and float32 Llama causal LM from a local GGUF file (no network)."""
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as err:
-        raise ImportError("This example needs the llm extra: pip install 'lightning-dp[llm]'") from err
-    kw = dict(gguf_file=gguf.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+    """Tokenizer and float32 Llama causal LM from a local GGUF file (no network). Dequantising the
+    GGUF takes 10-30 s on 2 CPU cores, so the first load is kept and later calls in the same
+    process (the examples that build on this one, the tests) get fresh copies of it."""
+    if gguf not in _LOADED:
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as err:
+            raise ImportError("This example needs the llm extra: pip install 'lightning-dp[llm]'") from err
+        kw = dict(gguf_file=gguf.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+        _LOADED[gguf] = (tokenizer, model)
+    tokenizer, model = (copy.deepcopy(x) for x in _LOADED[gguf])
     model.config.use_cache = False  # no KV cache while training; generate() turns it back on
     model.requires_grad_(False)  # the pretrained base stays frozen: only LoRA adapters train
     return tokenizer, model
+
+
+_LOADED: dict[Path, tuple[Any, nn.Module]] = {}
 
 
 def add_lora(base: nn.Module, rank: int, seed: int) -> nn.Module:

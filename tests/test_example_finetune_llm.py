@@ -3,7 +3,6 @@ end to end on the Shakespeare corpus, and its refusals of bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from types import ModuleType
@@ -17,10 +16,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("finetune_llm", EXAMPLES / "finetune_llm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # Imported as the other LLM examples import it, so that they share its loaded model (one GGUF
+    # dequantisation per test session instead of one per example).
+    import sys
+
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    import finetune_llm
+
+    return finetune_llm
 
 
 @pytest.fixture(scope="module")

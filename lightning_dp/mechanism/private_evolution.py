@@ -266,7 +266,8 @@ class PrivateEvolution:
         metric: ``metric(samples, labels) -> float`` logged each iteration. It must not read the
             private data (the history is released with the samples): use public or held-out data.
         ledger, name: a :class:`~lightning_dp.PrivacyLedger` to reserve the job's spend in.
-        chunk_size, device: the nearest-neighbour search's private chunk and device.
+        chunk_size, device: the nearest-neighbour search's private chunk and device (default: CUDA
+            when present, else where the embeddings are).
         generator: the random source for noise and selection (default: seeded from OS entropy).
         progress: show a progress bar with the epsilon spent.
     """
@@ -344,6 +345,8 @@ class PrivateEvolution:
         self.class_fractions, self.selection, self.variations_per_parent = class_fractions, selection, variations_per_parent
         self.metric, self.ledger, self.name = metric, ledger, name
         self.chunk_size, self.progress = chunk_size, progress
+        if device is None and torch.cuda.is_available():
+            device = "cuda"  # the nearest-neighbour search on the accelerator that is present
         self.device = torch.device(device) if device is not None else None
         self.generator = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
         #: Gaussian releases: one per iteration, one more for private class fractions.
