@@ -4,7 +4,8 @@ tests/test_private_evolution.py.
     python tests/pe_dist_run.py RANK WORLD_SIZE PORT OUT_DIR
 
 Each rank writes OUT_DIR/rank{r}.pt: its clean histogram of a fixed population (summed over the
-processes) and the samples of a whole PE run.
+processes) and the samples of a whole PE run on the shards (sharded=True) and on the whole set in
+every process (the default).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
     x, y = private_set()
     shard = slice(rank, None, world)  # each process votes with its own shard only
     population = {c: torch.randn(30, 2, generator=torch.Generator().manual_seed(c)) for c in range(3)}
-    votes = PrivateVotes(x[shard], y[shard], [0, 1, 2], lambda s: s, 2, "l2", 7, None)
+    votes = PrivateVotes(x[shard], y[shard], [0, 1, 2], lambda s: s, 2, "l2", 7, None, sharded=True)
     clean = votes.histograms(population)
-    result = toy_evolution().fit(x[shard], y[shard])
-    torch.save({"clean": clean, "samples": result.samples, "labels": result.labels,
-                "history": result.history}, out / f"rank{rank}.pt")
+    result = toy_evolution().fit(x[shard], y[shard], sharded=True)
+    whole = toy_evolution().fit(x, y)  # not sharded: every process holds the whole set, nothing is summed
+    torch.save({"clean": clean, "samples": result.samples, "labels": result.labels, "history": result.history,
+                "whole": whole.samples}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 

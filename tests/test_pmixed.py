@@ -316,9 +316,10 @@ def test_trainer_predict_generates_through_the_service_and_the_report_covers_it(
     prompts = DataLoader(TensorDataset(torch.tensor([[0, 1], [2, 3], [4, 0]])), batch_size=2)
     out = trainer.predict(PMixEDModule(service, max_new_tokens=3), prompts)
     assert [len(s) for batch in out for s in batch] == [5, 5, 5] and service.queries_used == 9
+    second = PMixEDModule(service, max_new_tokens=1)
     with pytest.raises(PrivacyBudgetExhausted):  # the tenth query is the last one in the budget
-        trainer.predict(PMixEDModule(service, max_new_tokens=2), prompts)
-    assert service.queries_used == 10
+        trainer.predict(second, prompts)
+    assert service.queries_used == 10 and [len(s) for s in second.generated] == [3]  # the paid-for one is kept
     padded = {"input_ids": torch.tensor([[0, 0, 7, 8], [1, 2, 3, 4]]),
               "attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])}
     assert [p.tolist() for p in prompts_of(padded)] == [[7, 8], [1, 2, 3, 4]]
@@ -327,3 +328,40 @@ def test_trainer_predict_generates_through_the_service_and_the_report_covers_it(
     assert report["epsilon"] == pytest.approx(8.0, abs=1e-9) and "partition" in report["privacy_unit"]
     path, _ = write_report(report, tmp_path, history=service.history)
     assert json.loads(path.read_text())["segments"][0]["name"] == "pmixed query"
+
+
+def test_review_findings_on_the_service_inputs() -> None:
+    from lightning_dp.mechanism.lora_ensemble import LoRAEnsemble
+
+    # A batched ensemble that returns every member's row, not only the sampled ones, is refused.
+    class Everyone:
+        def __len__(self) -> int:
+            return 4
+
+        def member_logits(self, ids: torch.Tensor, sampled: list[int]) -> torch.Tensor:
+            return torch.eye(5)[:4] * 3
+
+    service = PMixED(lambda ids: torch.zeros(5), Everyone(), 8.0, 1e-5, 4, 0.5, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="exactly the sampled members"):
+        for _ in range(4):
+            service.next_token_distribution(torch.tensor([0]))
+    # A token the public model rules out (-inf) leaves the members' weights on the rest intact.
+    p0 = torch.tensor([0.0, 0.5, 0.3, 0.2], dtype=torch.float64)
+    inside = torch.tensor([[0.0, 0.2, 0.3, 0.5]], dtype=torch.float64)
+    outside = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    assert float(project_onto_ball(inside, p0, 0.05, 3)[0]) > 0.1
+    assert float(project_onto_ball(outside, p0, 0.05, 3)[0]) == 0.0
+    # A forward that fails half-way leaves no stale cache behind.
+    base, members = _tiny_lora_members(2)
+    ensemble = LoRAEnsemble(members)
+    ids = torch.tensor([1, 2, 3, 4])
+    ensemble.member_logits(ids[:3], [0])
+    hook = ensemble.model.model.layers[1].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):
+        ensemble.member_logits(ids, [0, 1])
+    hook.remove()
+    want = torch.stack([_last(m, ids) for m in members])
+    assert torch.allclose(ensemble.member_logits(ids, [0, 1]), want, atol=1e-5)
+    # Calibration at vanishing sample rates stays sound (1 - q no longer rounds to 1).
+    tiny = calibrate_beta(1e-3, 1e-60, 3, "replace_one", n=0)
+    assert 0 < per_query_rdp(tiny, 1e-60, 3, "replace_one", n=0) <= 1e-3  # it was 0 (rho rounded to 0) before

@@ -41,7 +41,7 @@ def test_gdp_accounting_reproduces_aug_pe_and_agrees_with_independent_accountant
         rdp_acc = rdp.RdpAccountant()
         rdp_acc.compose(dp_event.GaussianDpEvent(sigma), releases)
         assert exact <= rdp_acc.get_epsilon(delta)  # RDP is a looser bound of the same mechanism
-        # Opacus's PRV accountant (the report's) composes the same releases: an upper bound within 0.02.
+        # Opacus's PRV accountant composes the same releases (as rate-1 sampled Gaussians): within 0.02.
         assert compute_epsilon([(sigma, 1.0, releases)], delta, "prv") == pytest.approx(exact, abs=0.02)
     sigma = calibrate_noise_multiplier(4.0, 1e-5, 10)
     assert gdp_epsilon(gdp_mu(sigma, 10), 1e-5) == pytest.approx(4.0, abs=1e-8)
@@ -215,8 +215,28 @@ def test_the_ledger_is_charged_what_was_released_even_when_the_job_fails(tmp_pat
     runs = {r.name: r for r in ledger.runs()}
     assert runs["pe-ok"].kind == "private_evolution" and runs["pe-ok"].steps == result.releases == 4
     assert runs["pe-failed"].steps == 2 and runs["pe-failed"].status == "finished"  # two histograms were released
-    report = build_report(PrivacyRecord.of_service(result))
-    assert report["epsilon"] == pytest.approx(result.epsilon, abs=0.02) and report["steps"] == 4
+    report = build_report(PrivacyRecord.of_service(result))  # the releases' exact figure, as the job reports it
+    assert report["epsilon"] == pytest.approx(result.epsilon, abs=1e-9) and report["steps"] == 4
+
+
+def test_inputs_that_would_raise_the_sensitivity_or_leak_through_an_error_are_refused() -> None:
+    x, y = private_set()
+    # An embedder returning one row per chunk of a sample would give that sample several votes.
+    doubled = toy_evolution()
+    doubled.private_embed = lambda s: torch.cat([s, s])
+    with pytest.raises(ValueError, match="one row per sample"):
+        doubled.fit(x, y)
+    # Labels are matched by ==: classes equal as values would each get the same sample's votes.
+    with pytest.raises(ValueError, match="distinct"):
+        toy_evolution(classes=[0, 0.0, 2])
+    with pytest.raises(TypeError, match="plain hashable"):
+        toy_evolution(classes=[torch.tensor(0), 1, 2])
+    # Too many neighbours for a class population: refused before any private data is read.
+    with pytest.raises(ValueError, match="smallest class population"):
+        toy_evolution(num_neighbors=25).fit(_Poison(), None)
+    # Private fractions of a single class release nothing and cost nothing.
+    single = toy_evolution(classes=None, class_fractions="private")
+    assert single.releases == single.iterations
 
 
 def test_metric_and_progress_history() -> None:
@@ -251,3 +271,6 @@ def test_two_processes_voting_on_shards_equal_one_process(tmp_path: Path) -> Non
     single = toy_evolution().fit(x, y)  # noise added once, by rank 0: the same run as one process
     for r in ranks:
         assert torch.equal(r["samples"], single.samples) and torch.equal(r["labels"], single.labels)
+        assert torch.equal(r["whole"], single.samples)  # copies of the whole set are not summed (counted twice)
+    with pytest.raises(ValueError, match="process group"):
+        toy_evolution().fit(x, y, sharded=True)

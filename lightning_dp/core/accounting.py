@@ -89,6 +89,13 @@ def _epsilon(entries: tuple[Entry, ...], delta: float, accountant: str) -> float
         )
     if any(isinstance(e.event, RenyiCharge) for e in entries):
         return float(rdp_to_epsilon(rdp_curve(PrivacyHistory(entries)), delta))
+    if accountant in ("prv", "gdp") and all(isinstance(e.event, GaussianRelease) for e in entries):
+        # Gaussian mechanisms without sampling compose exactly to mu-GDP (Private Evolution's
+        # histograms): the exact figure, not the PRV accountant's numerical upper bound.
+        from lightning_dp.core.gaussian_dp import gdp_epsilon
+
+        mu = math.sqrt(sum(e.count / float(getattr(e.event, "noise_multiplier")) ** 2 for e in entries))  # noqa: B009
+        return gdp_epsilon(mu, delta)
     # Opacus's accountants compose Poisson-sampled Gaussians; a Gaussian release is one at rate 1.
     segments = tuple(
         (float(getattr(e.event, "noise_multiplier")), float(getattr(e.event, "sample_rate", 1.0)), e.count)  # noqa: B009

@@ -122,7 +122,8 @@ def _sampling(n: int, q: float) -> tuple[float, float, float, float, float]:
     the "bound" on a moment that is at least 1 was -1.6e13), so they are computed with 50 digits."""
     if q >= 1.0:
         return (1.0 if n == 0 else 0.0), 1.0 / (n + 1), (0.0 if n == 0 else 1.0), 1.0 / (n + 1), 0.0
-    with mpmath.workdps(50):
+    # 50 digits beyond q's own scale: 1 - q must not round to 1 (it did below q ~ 1e-50 at 50 digits).
+    with mpmath.workdps(50 + max(0, int(-math.log10(q)))):
         qq = mpmath.mpf(q)
         u = 1 - qq
         un = u ** n
@@ -214,23 +215,24 @@ def _log_add_remove(n: int, q: float, beta: float, alpha: int, J: Orders, tail: 
     G, H = _GH(n, q, beta, alpha, J, tail)
     a = alpha
     # remove direction: exact binomial expansion (Mironov et al. 2019), M_k(R||mu0) <= G_k
-    if q < 1:
-        s = sum(math.comb(a, k) * (1 - q) ** (a - k) * q ** k * G[k] for k in range(0, a + 1))
+    # Everything below is computed minus 1 and returned through log1p: at tiny q the bound is
+    # 1 + (something below float resolution), and 1.0 would read as a bound of exactly 0.
+    if q < 1:  # sum_k C(a,k) (1-q)^(a-k) q^k G_k  minus 1 (the binomial weights sum to 1; G_0 = G_1 = 1)
+        s1 = sum(math.comb(a, k) * (1 - q) ** (a - k) * q ** k * (G[k] - 1) for k in range(2, a + 1))
     else:
-        s = G[a]
-    s = min(s, (1 - q) + q * G[a])                          # joint convexity
+        s1 = G[a] - 1
+    s1 = min(s1, q * (G[a] - 1))                            # joint convexity
     # add direction
-    t_lin = (1 - q) + q * H[a]                               # convexity in the second argument
-    t_exp = 1.0
+    t_lin1 = q * (H[a] - 1)                                 # convexity in the second argument
+    t_exp1 = 0.0
     for k in range(2, a + 1):
         E1 = abs_moment_bound(k, G)                          # E_mu0 |R/mu0 - 1|^k
         E2 = abs_moment_bound(k, H)                          # E_R  |mu0/R - 1|^k
         cands = [(1 - q) * E1 + q * E2]                      # mu^(1-k) <= (1-q) mu0^(1-k) + q R^(1-k)
         if q < 1:
             cands.append((1 - q) ** (1 - k) * E1)            # mu >= (1-q) mu0
-        t_exp += math.comb(a, k) * q ** k * min(cands)
-    t = min(t_lin, t_exp)
-    return math.log(max(s, t))
+        t_exp1 += math.comb(a, k) * q ** k * min(cands)
+    return math.log1p(max(s1, min(t_lin1, t_exp1)))
 
 
 def _log_replace(n: int, q: float, beta: float, alpha: int, J: Orders, tail: bool = False) -> float:
@@ -243,16 +245,16 @@ def _log_replace(n: int, q: float, beta: float, alpha: int, J: Orders, tail: boo
     for j in range(2, a + 1):
         f_exp = 1.0 + sum(math.comb(j, l) * (rho * 2 * _mj(l, beta, J) ** (1 / l)) ** l for l in range(2, j + 1))
         F[j] = min((1 - rho) + rho * math.exp(log_b(j, beta, J)), f_exp)
-    t_lin = (1 - q * rho) + q * rho * math.exp(log_b(a, beta, J))
-    t_exp = 1.0
+    t_lin1 = q * rho * math.expm1(log_b(a, beta, J))        # minus 1, as in _log_add_remove
+    t_exp1 = 0.0
     for k in range(2, a + 1):
         E1 = 2 ** k * abs_moment_bound(k, G)                 # E_mu0 |L_B - L_B'|^k <= 2^(k-1)(...+...)
         E3 = abs_moment_bound(k, F)                          # E_RB' |R_B/R_B' - 1|^k
         cands = [(1 - q) * E1 + q * E3]
         if q < 1:
             cands.append((1 - q) ** (1 - k) * E1)
-        t_exp += math.comb(a, k) * q ** k * min(cands)
-    return math.log(min(t_lin, t_exp))
+        t_exp1 += math.comb(a, k) * q ** k * min(cands)
+    return math.log1p(min(t_lin1, t_exp1))
 
 
 def per_query_rdp(beta: float, q: float, alpha: int, relation: str = "add_remove",

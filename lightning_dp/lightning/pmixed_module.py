@@ -32,13 +32,17 @@ class PMixEDModule(pl.LightningModule):
     """``predict_step`` continues each prompt of the batch (a ``(B, T)`` tensor of token ids, a
     list of 1-D tensors, or a tuple/list whose first item is one of those) by ``max_new_tokens``
     tokens from ``service`` and returns the list of the full sequences. Every token is one query:
-    past the budget, :class:`~lightning_dp.PrivacyBudgetExhausted` stops the run."""
+    past the budget, :class:`~lightning_dp.PrivacyBudgetExhausted` stops the run, and
+    ``trainer.predict`` returns nothing; the sequences finished before it (whose tokens were paid
+    for) are in :attr:`generated`, in order."""
 
     def __init__(self, service: Any, max_new_tokens: int) -> None:
         super().__init__()
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         self.service, self.max_new_tokens = service, max_new_tokens
+        #: Every sequence finished so far, across predict runs.
+        self.generated: list[Tensor] = []
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
@@ -48,7 +52,11 @@ class PMixEDModule(pl.LightningModule):
             )
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[Tensor]:
-        return [self.service.generate(p.cpu(), self.max_new_tokens) for p in prompts_of(batch)]
+        out = []
+        for prompt in prompts_of(batch):
+            out.append(self.service.generate(prompt.cpu(), self.max_new_tokens))
+            self.generated.append(out[-1])
+        return out
 
 
 def prompts_of(batch: Any) -> list[Tensor]:

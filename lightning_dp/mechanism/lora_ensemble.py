@@ -15,7 +15,9 @@ member, then over every token since it last moved.
 Privacy: a query that samples no member does not run the members at all. A query that samples
 some runs every member's row (that is what keeps one cache for all of them) but returns only the
 sampled rows; an unsampled member's row never reaches the answer (batch rows are independent;
-``tests/test_pmixed.py`` gives an unsampled member NaN weights to show it).
+``tests/test_pmixed.py`` gives an unsampled member NaN weights to show it). Timing is outside the
+guarantee: a query that samples no member answers faster, and the members' catch-up grows with
+the tokens since they last ran; a service whose response times an attacker can see should pad them.
 
 Example:
     >>> import copy, torch
@@ -72,10 +74,12 @@ class _CachedContext:
     def __init__(self) -> None:
         self.ids: Optional[Tensor] = None
         self.cache: Any = None
+        self._pending: Optional[Tensor] = None
 
     def new_tokens(self, ids: Tensor) -> Tensor:
         """Keep the longest cached prefix of ``ids`` (at least one token is left to run, whose
-        logits are the answer) and return the tokens to run."""
+        logits are the answer) and return the tokens to run. The cache holds ``ids`` only once
+        the forward over them succeeded (:meth:`ran`); a failed one empties it (:meth:`failed`)."""
         keep = 0
         if self.ids is not None and self.cache is not None:
             n = min(len(self.ids), len(ids) - 1)
@@ -87,8 +91,16 @@ class _CachedContext:
             self.cache = DynamicCache()
         elif keep < len(self.ids):  # type: ignore[arg-type]
             self.cache.crop(keep - len(self.ids))  # type: ignore[arg-type]  # a negative count drops the tail
-        self.ids = ids.clone()
+        self.ids = None  # until the forward has run
+        self._pending = ids.clone()
         return ids[keep:]
+
+    def ran(self, cache: Any) -> None:
+        self.cache, self.ids = cache, self._pending
+
+    def failed(self) -> None:
+        # The forward may have appended some layers' keys and values before failing: start over.
+        self.cache, self.ids = None, None
 
 
 class LoRAEnsemble:
@@ -108,13 +120,13 @@ class LoRAEnsemble:
         layers = [_lora_layers(m, i) for i, m in enumerate(models)]
         reference = _base_weights(models[0])
         for i, member in enumerate(models[1:], start=1):
+            if layers[i].keys() != layers[0].keys():
+                raise ValueError(f"member {i} adapts other layers than member 0 ({sorted(layers[i])[:3]}... against "
+                                 f"{sorted(layers[0])[:3]}...): stack members of one LoRA configuration.")
             weights = _base_weights(member)
             if weights.keys() != reference.keys() or any(not torch.equal(weights[k], reference[k]) for k in weights):
                 raise ValueError(f"member {i}'s base weights differ from member 0's: the members must be LoRA "
                                  "adapters of one base model.")
-            if layers[i].keys() != layers[0].keys():
-                raise ValueError(f"member {i} adapts other layers than member 0 ({sorted(layers[i])[:3]}... against "
-                                 f"{sorted(layers[0])[:3]}...): stack members of one LoRA configuration.")
         model = copy.deepcopy(models[0].get_base_model())  # type: ignore[operator]
         self._stacked: list[_StackedLoRALinear] = []
         for name in layers[0]:
@@ -142,8 +154,13 @@ class LoRAEnsemble:
         if not self.use_cache:
             return self.model(input_ids=ids.reshape(1, -1).expand(rows, -1), use_cache=False).logits[:, -1]
         new = context.new_tokens(ids)
-        out = self.model(input_ids=new.reshape(1, -1).expand(rows, -1), past_key_values=context.cache, use_cache=True)
-        context.cache = out.past_key_values
+        try:
+            out = self.model(input_ids=new.reshape(1, -1).expand(rows, -1), past_key_values=context.cache,
+                             use_cache=True)
+        except BaseException:
+            context.failed()
+            raise
+        context.ran(out.past_key_values)
         return out.logits[:, -1]
 
     def public(self, ids: Tensor) -> Tensor:

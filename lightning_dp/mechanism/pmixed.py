@@ -100,8 +100,18 @@ def project_onto_ball(members: Tensor, p0: Tensor, beta: float, alpha: int, step
     grows with ``lam`` (it is convex and smallest at 0), so the feasible weights are an interval
     ``[0, lam*]``; the bisection keeps its lower end feasible and returns it: never an infeasible
     point (the answer is confirmed in log space, and halved until it is, which rounding alone could
-    need). In float64; ``p0`` must have full support (a softmax does)."""
+    need). In float64. Tokens where ``p0`` is 0 are left out (a member with mass there gets
+    ``lam = 0``)."""
     members, p0 = members.to(torch.float64), p0.to(torch.float64)
+    support = p0 > 0
+    if not bool(support.all()):
+        # Tokens the public model rules out (a -inf logit): a member with mass there is infinitely far
+        # (weight 0); the others are projected on the public support, where all their mass is.
+        outside = (members[:, ~support] > 0).any(dim=1)
+        lam = torch.zeros(members.shape[0], dtype=torch.float64, device=members.device)
+        if bool((~outside).any()):
+            lam[~outside] = project_onto_ball(members[~outside][:, support], p0[support], beta, alpha, steps)
+        return lam
     log_p0 = torch.log(p0)
     orders = range(2, 2 * alpha + 1)
     d = members / p0[None, :] - 1.0
@@ -243,6 +253,10 @@ class PMixED:
             return p0  # no member is read
         if self.batched is not None:
             out = self.batched.member_logits(ids, sampled.tolist()).detach().to(torch.float64)
+            if out.shape[0] != len(sampled):
+                # Rows of unsampled members would enter the answer: the bound's subsampling would be lost.
+                raise RuntimeError(f"member_logits returned {out.shape[0]} rows for {len(sampled)} sampled members: it "
+                                   "must return exactly the sampled members' rows, in order.")
             stacked = torch.softmax(out, dim=1) if self.logits else out / out.sum(dim=1, keepdim=True)
         else:
             stacked = torch.stack([self._distribution(self.members[i], ids) for i in sampled.tolist()])

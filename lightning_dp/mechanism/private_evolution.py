@@ -130,6 +130,13 @@ def _distributed() -> bool:
         torch.distributed.get_world_size() > 1
 
 
+def _collective(t: Tensor) -> Tensor:
+    """``t`` where the process group's backend can reduce it (NCCL: the current GPU; else the CPU)."""
+    if torch.distributed.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t.cpu()
+
+
 def _broadcast(obj: Any) -> Any:
     """``obj`` as rank 0 has it, on every rank (unchanged in one process)."""
     if not _distributed():
@@ -141,12 +148,16 @@ def _broadcast(obj: Any) -> Any:
 
 class PrivateVotes:
     """The only reader of the private data: its embeddings, split by class, and the clean vote
-    histograms of a population. Under ``torch.distributed`` each process holds a shard of the
-    private set and the histograms are summed over the processes (before any noise)."""
+    histograms of a population. ``sharded=True`` (under ``torch.distributed``): each process holds
+    a disjoint shard of the private set and the histograms are summed over the processes (before
+    any noise); otherwise every process is taken to hold the whole set and nothing is summed."""
 
     def __init__(self, private_x: Samples, private_y: Optional[Sequence[Any]], classes: list[Any],
                  embed: Callable[[Samples], Tensor], num_neighbors: int, distance: str, chunk_size: int,
-                 device: Optional[torch.device]) -> None:
+                 device: Optional[torch.device], sharded: bool = False) -> None:
+        if sharded and not _distributed():
+            raise ValueError("sharded=True needs an initialised torch.distributed process group of several processes.")
+        self.sharded = sharded
         n = _len(private_x)
         labels = [None] * n if private_y is None else _labels(private_y, n)
         position = {c: i for i, c in enumerate(classes)}
@@ -158,8 +169,9 @@ class PrivateVotes:
         self.embeddings: dict[Any, Optional[Tensor]] = {}
         for c in classes:
             rows = [i for i, y in enumerate(labels) if y == c]
-            parts = [embed(_take(private_x, rows[s:s + chunk_size])) for s in range(0, len(rows), chunk_size)]
-            emb = torch.cat([torch.as_tensor(p).reshape(len(p), -1) for p in parts]) if parts else None
+            parts = [_rows(embed(_take(private_x, rows[s:s + chunk_size])), len(rows[s:s + chunk_size]), "private")
+                     for s in range(0, len(rows), chunk_size)]
+            emb = torch.cat(parts) if parts else None
             self.embeddings[c] = emb.to(device) if (emb is not None and device is not None) else emb
         self._counts = {c: (0 if e is None else e.shape[0]) for c, e in self.embeddings.items()}
 
@@ -171,8 +183,8 @@ class PrivateVotes:
             out[c] = (torch.zeros(syn.shape[0], dtype=torch.float64, device=syn.device) if own is None else
                       vote_histogram(own, syn.to(own.device), self.num_neighbors, self.distance, self.chunk_size,
                                      weighted=False))
-        if _distributed():
-            flat = torch.cat([out[c] for c in out]).cpu()
+        if self.sharded:
+            flat = _collective(torch.cat([out[c] for c in out]))
             torch.distributed.all_reduce(flat)
             sizes = [out[c].numel() for c in out]
             out = dict(zip(out, (t.to(out[c].device) for t, c in zip(flat.split(sizes), out))))
@@ -182,9 +194,21 @@ class PrivateVotes:
         """The number of private samples of each class (float64, summed over processes): private,
         released only with noise (``class_fractions="private"``)."""
         counts = torch.tensor([float(v) for v in self._counts.values()], dtype=torch.float64)
-        if _distributed():
+        if self.sharded:
+            counts = _collective(counts)
             torch.distributed.all_reduce(counts)
-        return counts
+        return counts.cpu()
+
+
+def _rows(embedding: Any, n: int, what: str) -> Tensor:
+    """``embedding`` as an ``(n, d)`` tensor: exactly one row per sample. An embedder that returns
+    more (one row per chunk of a long document) would give one private sample several votes: a
+    sensitivity above the 1 the accounting assumes."""
+    emb = torch.as_tensor(embedding)
+    if emb.dim() == 0 or emb.shape[0] != n:
+        raise ValueError(f"embed returned {tuple(emb.shape)} for {n} {what} samples: it must return one row per "
+                         "sample (pool the chunks of a long sample into one vector).")
+    return emb.reshape(n, -1)
 
 
 def _labels(private_y: Any, n: int) -> list[Any]:
@@ -321,8 +345,11 @@ class PrivateEvolution:
         if not (isinstance(lookahead, int) and lookahead >= 0):
             raise ValueError(f"lookahead must be an int >= 0, got {lookahead!r}")
         self.classes = list(classes) if classes is not None else [None]
-        if len(set(map(repr, self.classes))) != len(self.classes):
-            raise ValueError(f"classes must be distinct, got {self.classes}")
+        if any(isinstance(c, (Tensor, np.ndarray)) for c in self.classes):
+            raise TypeError("classes must be plain hashable values (ints, strings), not tensors or arrays.")
+        # Distinct by equality, as labels are matched: [0, 0.0] would give one sample's votes to two classes.
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct (by ==), got {self.classes}")
         if isinstance(class_fractions, str) and class_fractions != "private":
             raise ValueError(f"class_fractions must be None, 'private' or one fraction per class, got {class_fractions!r}")
         if class_fractions is not None and not isinstance(class_fractions, str):
@@ -350,7 +377,8 @@ class PrivateEvolution:
         self.device = torch.device(device) if device is not None else None
         self.generator = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
         #: Gaussian releases: one per iteration, one more for private class fractions.
-        self.releases = iterations + (1 if class_fractions == "private" else 0)
+        self._private_fractions = class_fractions == "private" and len(self.classes) > 1  # one class: nothing to release
+        self.releases = iterations + (1 if self._private_fractions else 0)
         if noise_multiplier is not None:
             self.noise_multiplier = float(noise_multiplier)
             self.epsilon = gdp_epsilon(gdp_mu(self.noise_multiplier, self.releases), self.delta)
@@ -358,6 +386,20 @@ class PrivateEvolution:
             self.epsilon = float(epsilon)  # type: ignore[arg-type]
             self.noise_multiplier = calibrate_noise_multiplier(self.epsilon, self.delta, self.releases)
         self.strengths = self._strengths(variation_strengths)
+        if not self._private_fractions:
+            self._check_neighbors(self._split(self.num_samples, self._public_fractions()))
+
+    def _public_fractions(self) -> list[float]:
+        if self.class_fractions is None or self.class_fractions == "private":
+            return [1.0] * len(self.classes)
+        return [float(f) for f in self.class_fractions]
+
+    def _check_neighbors(self, sizes: list[int]) -> None:
+        # On public sizes (or sizes released with noise), before any vote: the error never depends
+        # on the private data (a class without private samples never runs the search itself).
+        if self.num_neighbors > min(sizes):
+            raise ValueError(f"num_neighbors ({self.num_neighbors}) exceeds the smallest class population "
+                             f"({min(sizes)}): raise num_samples or lower num_neighbors.")
 
     def _strengths(self, given: Any) -> list[float]:
         t_max = self.iterations
@@ -392,11 +434,10 @@ class PrivateEvolution:
 
     def _embed_population(self, samples: Samples, strength: float, label: Any) -> Tensor:
         if self.lookahead == 0:
-            emb = torch.as_tensor(self.embed(samples))
+            emb = _rows(self.embed(samples), _len(samples), "synthetic")
         else:
-            emb = torch.stack([torch.as_tensor(self.embed(self._variation(samples, strength, label))).float()
-                               for _ in range(self.lookahead)]).mean(0)
-        emb = emb.reshape(_len(samples), -1)
+            emb = torch.stack([_rows(self.embed(self._variation(samples, strength, label)), _len(samples),
+                                     "synthetic").float() for _ in range(self.lookahead)]).mean(0)
         return emb.to(self.device) if self.device is not None else emb
 
     def _select(self, counts: Tensor, n: int) -> tuple[Tensor, bool]:
@@ -413,13 +454,17 @@ class PrivateEvolution:
 
     def _votes(self, private_x: Samples, private_y: Optional[Sequence[Any]]) -> PrivateVotes:
         return PrivateVotes(private_x, private_y, self.classes, self.private_embed, self.num_neighbors, self.distance,
-                            self.chunk_size, self.device)
+                            self.chunk_size, self.device, sharded=getattr(self, "_sharded", False))
 
     # ------------------------------------------------------------------ the job
-    def fit(self, private_x: Samples, private_y: Optional[Sequence[Any]] = None) -> PEResult:
+    def fit(self, private_x: Samples, private_y: Optional[Sequence[Any]] = None, sharded: bool = False) -> PEResult:
         """Evolve the population towards ``private_x`` (labels ``private_y``, values among
-        ``classes``) and return the synthetic data. Under ``torch.distributed``, give each process
-        its shard of the private set; rank 0 runs the APIs and every rank returns the same result."""
+        ``classes``) and return the synthetic data. Under ``torch.distributed`` rank 0 runs the
+        APIs and adds the noise, and every rank returns the same result; with ``sharded=True`` each
+        process gives its own disjoint shard of the private set and the votes are summed (without
+        it, every process must give the whole set: summing copies would count each sample once
+        per process)."""
+        self._sharded = sharded
         if private_y is not None and self.classes == [None]:
             raise ValueError("labels were given but no `classes`: pass the public list of class labels to "
                              "PrivateEvolution(classes=...) (it is never read from the private labels).")
@@ -443,18 +488,17 @@ class PrivateEvolution:
     def _evolve(self, votes: PrivateVotes) -> PEResult:
         rank0 = not _distributed() or torch.distributed.get_rank() == 0
         fractions: list[float]
-        if self.class_fractions == "private":
+        if self._private_fractions:
             noisy = votes.class_counts() + self._noise(len(self.classes))
             self._released += 1
             fractions = _broadcast(noisy.clamp_min(0).tolist() if rank0 else None)
             if sum(fractions) <= 0:
                 fractions = [1.0] * len(self.classes)
-        elif self.class_fractions is None:
-            fractions = [1.0] * len(self.classes)
         else:
-            fractions = [float(f) for f in self.class_fractions]
+            fractions = self._public_fractions()
         sizes = self._split(self.num_samples, fractions)
         final_sizes = self._split(self.final_samples, fractions)
+        self._check_neighbors(sizes)
         population = _broadcast({c: self.random_api(c, n) for c, n in zip(self.classes, sizes)} if rank0 else None)
         history: list[dict[str, Any]] = []
         released_histograms: list[dict[Any, Tensor]] = []
