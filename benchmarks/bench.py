@@ -88,7 +88,8 @@ class GPT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Positions carry the batch dimension: Opacus's hooks mis-handle pos(torch.arange(T)).
-        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        # Contiguous: Opacus's ghost-clipping embedding rule calls .view() on its input.
+        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1).contiguous()
         return self.head(self.ln(self.blocks(self.tok(x) + self.pos(pos))))
 
 
@@ -204,7 +205,8 @@ def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.d
                 x, y = batch
                 return criterion(net(x), y)
             (x,) = batch
-            logits = net(x[:, :-1]) if cfg["kind"] == "gpt" else net(input_ids=x[:, :-1]).logits
+            inputs = x[:, :-1].contiguous()  # Opacus's ghost embedding rule calls .view() on its input
+            logits = net(inputs) if cfg["kind"] == "gpt" else net(input_ids=inputs).logits
             return criterion(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), shape=logits.shape)
 
         times: list[float] = []

@@ -103,7 +103,6 @@ class GhostEngine(PerSampleGradEngine):
         self._records: dict[nn.Module, list[list[Any]]] = {}
         self._recording = False
         self._n = 0  # examples in the chunk being recorded
-        self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     def unsupported(self, module: nn.Module) -> list[str]:
         problems = []
@@ -150,19 +149,14 @@ class GhostEngine(PerSampleGradEngine):
             # sees the difference and passes this engine over.
             output = replaced = output.expand(n, *output.shape[1:])
             inputs = (first.expand(n, *first.shape[1:]), *inputs[1:])
-        # The layer's output gradient is asked of autograd directly: the output gets a "tap", a zero
-        # view of one leaf, added to it, and the backward pass asks for the taps' gradients only.
-        # Autograd then skips what nothing asked for: the summed weight gradients (a third of a
-        # backward pass) that a plain loss.backward() computes and this engine throws away. The
-        # gradient reaching the tap is the output's gradient even when a later op modifies the
-        # returned tensor in place (ReLU(inplace=True)): the sum happened before it.
-        key = (output.dtype, output.device)
-        zero = self._zeros.get(key)
-        if zero is None:
-            zero = self._zeros[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-        tap = zero.expand_as(output)
-        self._records.setdefault(module, []).append([[t.detach() if isinstance(t, Tensor) else t for t in inputs], tap])
-        return output + tap
+        record: list[Any] = [[t.detach() if isinstance(t, Tensor) else t for t in inputs], None]
+        self._records.setdefault(module, []).append(record)
+
+        def keep_grad(grad: Tensor) -> None:
+            record[1] = grad.detach()
+
+        output.register_hook(keep_grad)
+        return replaced
 
     def compute(
         self, step: StepFn, batch: Any, params: Sequence[nn.Parameter], batch_size: int, loss_reduction: LossReduction
@@ -174,20 +168,13 @@ class GhostEngine(PerSampleGradEngine):
         self._n = batch_size
         try:
             output, loss = step(batch)
+            loss.backward()
         finally:
             self._recording = False
         records, self._records = self._records, {}
-        # Parameters of no recorded layer call: asked for too, so that one the loss reaches outside
-        # any layer (used directly in training_step) is found instead of escaping clipping.
-        recorded = {p for m, rs in records.items() if rs for _, p in _own_trainable(m)}
-        outside = [p for p in params if p not in recorded]
-        taps = [r[1] for rs in records.values() for r in rs]
-        wanted = taps + outside
-        grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted and loss.requires_grad else \
-            [None] * len(wanted)
-        for record, g in zip((r for rs in records.values() for r in rs), grads[: len(taps)]):
-            record[1] = None if g is None else g.detach()
-        received = {p for p, g in zip(outside, grads[len(taps):]) if g is not None}
+        received = {p for p in params if p.grad is not None}
+        for p in params:
+            p.grad = None  # the plain summed gradient is not private: never let it reach a step
         return output, loss.detach(), self._assemble(records, params, received, batch_size, loss_reduction)
 
     def _assemble(
