@@ -33,6 +33,7 @@ def example() -> ModuleType:
 
 
 @pytest.mark.slow
+@pytest.mark.llm
 def test_fast_mode_fine_tunes_privately_within_budget(example: ModuleType, tmp_path: Path) -> None:
     # The --fast code path with fewer steps and validation blocks, to fit the test budget.
     steps, epsilon, delta = 10, 3.0, 1e-5

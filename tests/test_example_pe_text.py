@@ -13,6 +13,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.slow
+@pytest.mark.llm
 def test_fast_mode_synthesizes_lines_per_play_within_the_budget(capsys) -> None:
     spec = importlib.util.spec_from_file_location("pe_text", EXAMPLES / "pe_text.py")
     example = importlib.util.module_from_spec(spec)

@@ -13,6 +13,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.slow
+@pytest.mark.llm
 def test_fast_mode_answers_within_the_budget_and_prints_the_epsilon_spent(tmp_path: Path, capsys) -> None:
     spec = importlib.util.spec_from_file_location("pmixed_generate", EXAMPLES / "pmixed_generate.py")
     example = importlib.util.module_from_spec(spec)
