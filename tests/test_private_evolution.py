@@ -274,3 +274,25 @@ def test_two_processes_voting_on_shards_equal_one_process(tmp_path: Path) -> Non
         assert torch.equal(r["whole"], single.samples)  # copies of the whole set are not summed (counted twice)
     with pytest.raises(ValueError, match="process group"):
         toy_evolution().fit(x, y, sharded=True)
+
+
+def test_lookahead_embeds_each_sample_as_the_mean_of_its_variations() -> None:
+    from lightning_dp.mechanism.private_evolution import PrivateEvolution
+
+    population = torch.tensor([[0.0], [5.0]])
+    calls = {"n": 0}
+
+    def shift(samples: torch.Tensor, strength: float) -> torch.Tensor:
+        calls["n"] += 1
+        return samples + 5.0  # every variation moves a sample by +5
+
+    private = torch.full((10, 1), 5.0)
+    hist = {}
+    for lookahead in (0, 3):
+        calls["n"] = 0
+        pe = PrivateEvolution(lambda c, n: population.clone(), shift, embed=lambda s: s, num_samples=2, iterations=1,
+                              noise_multiplier=1e-9, lookahead=lookahead, progress=False)
+        hist[lookahead] = pe.fit(private).noisy_histograms[0][None]
+        assert calls["n"] == lookahead + 1  # the lookahead's variations, then the next population's
+    assert hist[0].round().tolist() == [0.0, 10.0]  # itself: the private points sit on sample 1
+    assert hist[3].round().tolist() == [10.0, 0.0]  # its variations (0 -> 5) sit on them: sample 0
