@@ -29,11 +29,7 @@ test: venv
 	$(BIN)/ruff check --no-cache lightning_dp tests examples benchmarks
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/mypy
-	# Two lanes, one per core: the SmolLM2 examples (marked llm; one torch thread) beside the rest.
-	rm -rf .pytest-lanes; mkdir -p .pytest-lanes; \
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m llm --basetemp=.pytest-lanes/llm > .pytest-lanes/llm.log 2>&1 & llm=$$!; \
-	$(BIN)/python -m pytest -q -m "not llm" --basetemp=.pytest-lanes/rest; rest=$$?; \
-	wait $$llm; lane=$$?; echo "--- the llm lane:"; cat .pytest-lanes/llm.log; test $$rest -eq 0 -a $$lane -eq 0
+	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache .pytest-lanes
+	rm -rf $(VENV) runs lightning_logs .pytest_cache

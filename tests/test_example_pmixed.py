@@ -18,7 +18,8 @@ def test_fast_mode_answers_within_the_budget_and_prints_the_epsilon_spent(tmp_pa
     spec = importlib.util.spec_from_file_location("pmixed_generate", EXAMPLES / "pmixed_generate.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    r = example.main(["--fast", "--out", str(tmp_path)])
+    # DP-SGD LoRA on SmolLM2 is exercised by the fine-tuning example's test; here only PMixED's path.
+    r = example.main(["--fast", "--no-dpsgd", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert f"epsilon spent:        {r['epsilon']:.3f} over {r['queries']} queries" in out
     # The whole budget is the scored tokens plus the sample, and it is spent exactly, never exceeded.
@@ -28,7 +29,6 @@ def test_fast_mode_answers_within_the_budget_and_prints_the_epsilon_spent(tmp_pa
     assert report["epsilon"] == pytest.approx(r["epsilon"], abs=1e-9) and report["steps"] == r["queries"]
     assert "partition" in report["privacy_unit"]
     assert 0 < r["beta"] and r["alpha"] == 3 and isinstance(r["sample"], str) and len(r["sample"]) > 0
-    for key in ("ppl_public", "ppl_pmixed", "ppl_nonprivate", "ppl_dpsgd"):
+    for key in ("ppl_public", "ppl_pmixed", "ppl_nonprivate"):
         assert math.isfinite(r[key]) and r[key] > 1
     assert r["ppl_nonprivate"] < r["ppl_public"]  # the members' training data is informative
-    assert r["dpsgd_epsilon"] <= 8.0
