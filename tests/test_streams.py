@@ -21,10 +21,21 @@ SCRIPT = Path(__file__).resolve().parent / "noise_run.py"
 
 
 def run(out: Path, *args: str) -> torch.Tensor:
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out / "noise.pt")
+    return run_together([(out, *args)])[0]
+
+
+def run_together(runs: list[tuple]) -> list[torch.Tensor]:
+    """Independent runs of the script in separate processes at the same time (their start-up,
+    mostly imports, overlaps)."""
+    procs = []
+    for out, *args in runs:
+        out.mkdir(parents=True, exist_ok=True)
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(out), *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    return [torch.load(out / "noise.pt") for out, *_ in runs]
 
 
 def assert_no_vector_repeats(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -50,8 +61,7 @@ def test_a_run_resumed_in_a_new_process_draws_fresh_noise(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_a_seeded_run_is_reproducible_and_its_resume_still_draws_new_noise(tmp_path: Path) -> None:
-    a = run(tmp_path / "a", "--seed", "3")
-    b = run(tmp_path / "b", "--seed", "3")
+    a, b = run_together([(tmp_path / "a", "--seed", "3"), (tmp_path / "b", "--seed", "3")])
     assert torch.equal(a, b)  # for debugging: the same seed, the same run
     resumed = run(tmp_path / "r", "--seed", "3", "--resume", str(tmp_path / "a" / "step2.ckpt"))
     assert_no_vector_repeats(resumed, a)
