@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from pe_toys import private_set, toy_evolution  # noqa: E402
+from lightning_dp import PrivacyLedger  # noqa: E402
 from lightning_dp.mechanism.private_evolution import PrivateVotes  # noqa: E402
 
 
@@ -31,6 +32,9 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
     clean = votes.histograms(population)
     result = toy_evolution().fit(x[shard], y[shard], sharded=True)
     whole = toy_evolution().fit(x, y)  # not sharded: every process holds the whole set, nothing is summed
+    ledger = PrivacyLedger(str(out / "ledger.db"), "points", epsilon=20.0, delta=1e-5)
+    dist.barrier()  # both processes open the ledger before either job starts
+    toy_evolution(ledger=ledger).fit(x[shard], y[shard], sharded=True)
     torch.save({"clean": clean, "samples": result.samples, "labels": result.labels, "history": result.history,
                 "whole": whole.samples}, out / f"rank{rank}.pt")
     dist.destroy_process_group()

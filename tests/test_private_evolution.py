@@ -79,9 +79,8 @@ class _Recording(PrivateVotes):
         return out
 
 
-def test_the_noise_has_the_calibrated_standard_deviation_on_every_bin() -> None:
-    x, y = private_set()
-    pe = toy_evolution(num_samples=30000, iterations=1, epsilon=1.0)
+def _record_votes(pe) -> None:  # type: ignore[no-untyped-def]
+    """Make ``pe`` record its clean histograms in ``_Recording.log`` (emptied here)."""
 
     class Recorded(type(pe)):  # type: ignore[misc]
         def _votes(self, private_x, private_y):  # type: ignore[no-untyped-def]
@@ -89,6 +88,12 @@ def test_the_noise_has_the_calibrated_standard_deviation_on_every_bin() -> None:
 
     pe.__class__ = Recorded
     _Recording.log = []
+
+
+def test_the_noise_has_the_calibrated_standard_deviation_on_every_bin() -> None:
+    x, y = private_set()
+    pe = toy_evolution(num_samples=30000, iterations=1, epsilon=1.0)
+    _record_votes(pe)
     result = pe.fit(x, y)
     noise = torch.cat([result.noisy_histograms[0][c] - _Recording.log[0][c] for c in range(3)])
     assert noise.numel() == 30000
@@ -151,13 +156,7 @@ class _Poison:
 def test_the_private_data_is_read_only_inside_the_histogram() -> None:
     x, y = private_set()
     pe = toy_evolution()
-
-    class Recorded(type(pe)):  # type: ignore[misc]
-        def _votes(self, private_x, private_y):  # type: ignore[no-untyped-def]
-            return _Recording(private_x, private_y, self.classes, self.embed, 1, "l2", 4096, None)
-
-    pe.__class__ = Recorded
-    _Recording.log = []
+    _record_votes(pe)
     first = pe.fit(x, y)
     recorded = list(_Recording.log)
     replay = toy_evolution()
@@ -274,6 +273,9 @@ def test_two_processes_voting_on_shards_equal_one_process(tmp_path: Path) -> Non
         assert torch.equal(r["whole"], single.samples)  # copies of the whole set are not summed (counted twice)
     with pytest.raises(ValueError, match="process group"):
         toy_evolution().fit(x, y, sharded=True)
+    # One job on two processes is one entry in the dataset's ledger (rank 0 speaks for it), not two.
+    (run,) = PrivacyLedger(str(tmp_path / "ledger.db"), "points", epsilon=20.0, delta=1e-5).runs()
+    assert run.steps == 4 and run.status == "finished"
 
 
 def test_lookahead_embeds_each_sample_as_the_mean_of_its_variations() -> None:

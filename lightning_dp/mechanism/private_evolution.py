@@ -469,7 +469,8 @@ class PrivateEvolution:
             raise ValueError("labels were given but no `classes`: pass the public list of class labels to "
                              "PrivateEvolution(classes=...) (it is never read from the private labels).")
         run = None
-        if self.ledger is not None:
+        # One process speaks for the job: every rank reserving would charge the dataset once per process.
+        if self.ledger is not None and (not _distributed() or torch.distributed.get_rank() == 0):
             run = self.ledger.reserve(self.ledger.curve_of(self._history(self.releases)), name=self.name,
                                       kind="private_evolution")
         self._released = 0  # counted as the releases happen, so that a failure commits what was spent
