@@ -163,6 +163,27 @@ def test_mixed_history_matches_pld_composition(segments: list) -> None:
         assert prv > compute_epsilon([seg], DELTA, "prv") + PRV_ERROR
 
 
+
+@pytest.mark.parametrize("segments", [*MIXED, [(1.0, 0.25, 8)]],
+                         ids=["two", "two-reversed", "three", "short"])
+def test_the_prv_domain_from_memoised_rdp_is_opacus_own(segments: list) -> None:
+    # Our PRV accountant computes Opacus's discretisation domain from memoised RDP curves (Opacus
+    # recomputes them on every query): the same domain, and the same epsilon, as Opacus's own.
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+    from opacus.accountants.analysis.prv.domain import compute_safe_domain_size
+
+    from lightning_dp.core.accounting import _safe_domain_size
+
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in segments]
+    counts = [n for _, _, n in segments]
+    for delta_error in (DELTA / 1000, 1e-12):
+        assert _safe_domain_size(segments, 0.01, delta_error) == compute_safe_domain_size(prvs, counts, 0.01, delta_error)
+    stock = PRVAccountant()
+    stock.history = list(segments)
+    assert compute_epsilon(segments, DELTA, "prv") == stock.get_epsilon(delta=DELTA)
+
+
 # --------------------------------------------------------------------------------------------
 # 4. calibrate_noise
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, Protocol, Sequence, Union
 
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.prv import Domain
 
 from lightning_dp.core.events import Event, GaussianRelease, NonPrivate, NoOp, RenyiCharge, SampledGaussian
 from lightning_dp.core.history import Entry, PrivacyHistory, Segment
@@ -42,7 +43,24 @@ __all__ = [
 ]
 
 AccountantName = Literal["prv", "rdp", "gdp"]
-ACCOUNTANTS: dict[str, type] = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}
+
+
+class _PRVAccountant(PRVAccountant):
+    """Opacus's PRV accountant, its discretisation domain computed from our memoised RDP curves.
+
+    Opacus's ``compute_safe_domain_size`` builds fresh RDP accountants on every query and
+    evaluates the sampled Gaussian's RDP at its 150 orders (99 fractional, a series each): about
+    0.3 s per segment per query, most of a calibration's time (a PrivacyBudget's plan took ~9 s).
+    :func:`_safe_domain_size` is the same formula at the same orders (tests/test_accounting.py
+    compares the two), each ``(sigma, q)`` curve computed once."""
+
+    def _get_domain(self, prvs: Any, num_self_compositions: Any, eps_error: float, delta_error: float) -> Domain:
+        segments = tuple((p.noise_multiplier, p.sample_rate, n) for p, n in zip(prvs, num_self_compositions))
+        size = _safe_domain_size(segments, eps_error, delta_error)
+        return Domain.create_aligned(-size, size, _prv_mesh(segments, eps_error, delta_error))
+
+
+ACCOUNTANTS: dict[str, type] = {"prv": _PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}
 
 #: A history, or DP-SGD segments ``(noise_multiplier, sample_rate, steps)``.
 HistoryLike = Union[PrivacyHistory, Iterable[Segment]]
@@ -130,12 +148,22 @@ def _prv_points(segments: tuple[Segment, ...], delta: float) -> float:
     """How many points Opacus's PRV accountant would discretise ``segments`` on (its
     ``_get_domain`` with the default errors): twice its safe domain size over its mesh."""
     eps_error, delta_error = 0.01, delta / 1000
+    return 2 * _safe_domain_size(segments, eps_error, delta_error) / _prv_mesh(segments, eps_error, delta_error)
+
+
+def _safe_domain_size(segments: Sequence[Segment], eps_error: float, delta_error: float) -> float:
+    """Opacus's ``compute_safe_domain_size`` (Gopi et al. 2021, remark 5.6, as their code has it):
+    how far the privacy loss reaches, from the RDP bounds of the whole history and of one step."""
     total = sum(n for _, _, n in segments)
     reach = float(rdp_to_epsilon(rdp_curve(segments), delta_error / 4))
     for sigma, q, _ in segments:
         reach = max(reach, float(rdp_to_epsilon(_one_step_rdp(sigma, q), delta_error / (8 * total))))
-    mesh = eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
-    return 2 * (max(reach, eps_error) + 3) / mesh
+    return max(reach, eps_error) + 3
+
+
+def _prv_mesh(segments: Sequence[Segment], eps_error: float, delta_error: float) -> float:
+    total = sum(n for _, _, n in segments)
+    return eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
 
 
 def compute_epsilon(history: HistoryLike, delta: float, accountant: AccountantName = "prv") -> float:
