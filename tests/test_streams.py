@@ -20,10 +20,6 @@ from lightning_dp.mechanism.streams import RandomStreams
 SCRIPT = Path(__file__).resolve().parent / "noise_run.py"
 
 
-def run(out: Path, *args: str) -> torch.Tensor:
-    return run_together([(out, *args)])[0]
-
-
 def run_together(runs: list[tuple]) -> list[torch.Tensor]:
     """Independent runs of the script in separate processes at the same time (their start-up,
     mostly imports, overlaps)."""
@@ -47,12 +43,24 @@ def assert_no_vector_repeats(a: torch.Tensor, b: torch.Tensor) -> None:
             assert abs(float(r)) < 0.5
 
 
+@pytest.fixture(scope="module")
+def process_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The fresh-process runs the next two tests read: three first runs (one unseeded, two with
+    seed 3) together, then a resume of the unseeded one and of a seeded one together."""
+    root = tmp_path_factory.mktemp("streams")
+    firsts = {"first": (), "a": ("--seed", "3"), "b": ("--seed", "3")}
+    out = dict(zip(firsts, run_together([(root / name, *args) for name, args in firsts.items()])))
+    resumes = {"resumed": ("--resume", str(root / "first" / "step2.ckpt")),
+               "r": ("--seed", "3", "--resume", str(root / "a" / "step2.ckpt"))}
+    out.update(zip(resumes, run_together([(root / name, *args) for name, args in resumes.items()])))
+    return out
+
+
 @pytest.mark.slow
-def test_a_run_resumed_in_a_new_process_draws_fresh_noise(tmp_path: Path) -> None:
+def test_a_run_resumed_in_a_new_process_draws_fresh_noise(process_runs: dict[str, torch.Tensor]) -> None:
     # The usual script: seed_everything(0) in each process. Before, noise came from torch's global
     # generator, and the resumed steps added exactly the first steps' noise again.
-    first = run(tmp_path / "first")
-    resumed = run(tmp_path / "resumed", "--resume", str(tmp_path / "first" / "step2.ckpt"))
+    first, resumed = process_runs["first"], process_runs["resumed"]
     assert first.shape[0] == 4 and resumed.shape[0] == 2
     assert_no_vector_repeats(resumed, first)
     # The noise has the promised scale: std sigma * C = 1 per coordinate.
@@ -60,11 +68,11 @@ def test_a_run_resumed_in_a_new_process_draws_fresh_noise(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_a_seeded_run_is_reproducible_and_its_resume_still_draws_new_noise(tmp_path: Path) -> None:
-    a, b = run_together([(tmp_path / "a", "--seed", "3"), (tmp_path / "b", "--seed", "3")])
+def test_a_seeded_run_is_reproducible_and_its_resume_still_draws_new_noise(process_runs: dict[str, torch.Tensor]) -> None:
+    a, b = process_runs["a"], process_runs["b"]
     assert torch.equal(a, b)  # for debugging: the same seed, the same run
-    resumed = run(tmp_path / "r", "--seed", "3", "--resume", str(tmp_path / "a" / "step2.ckpt"))
-    assert_no_vector_repeats(resumed, a)
+    assert_no_vector_repeats(process_runs["r"], a)
+    assert not torch.equal(a, process_runs["first"])  # the seed, not the script's seed_everything, decides
 
 
 def fit_noise_only(t: L.Trainer, model: NoiseOnly) -> None:

@@ -17,8 +17,9 @@ N = 64
 
 
 class Tunable(Classifier):
-    """A module that owns its loaders, as the tuners need: a validation set much larger than the
-    training set, so a validation loader mistaken for the training one has another rate."""
+    """A module that owns its loaders, as the tuners need: a validation set larger than the
+    training set and drawn in other batches (10 of 100: rate 0.1), so a validation loader mistaken
+    for the training one has a rate no training loader here has (4, 8 or 16 of 64)."""
 
     def __init__(self, empty_val: bool = False) -> None:
         super().__init__(lr=0.1)
@@ -30,7 +31,7 @@ class Tunable(Classifier):
         return loader(make_dataset(n=N), batch_size=self.batch_size)
 
     def val_dataloader(self) -> Any:
-        return [] if self.empty_val else loader(make_dataset(n=1000, seed=1), batch_size=4, shuffle=False)
+        return [] if self.empty_val else loader(make_dataset(n=1000, seed=1), batch_size=100, shuffle=False)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         # The rate of the batch that just trained, read from the loader that drew it.
