@@ -319,3 +319,77 @@ def test_conv_ghost_rule_matches_per_example_gradients(engine: str) -> None:
         # The 3x3-output first conv has more positions squared than weights: it takes the
         # per-example path; the second conv and the Linear take the ghost path.
         assert len(grads.linear) == 2 and len(grads.materialized) >= 2
+
+
+class TwoLinears(nn.Module):
+    """A Linear on the data (its input carries no gradient) and one on hidden values (it does),
+    with the first one's weight also used directly outside its call."""
+
+    def __init__(self, direct: bool = False) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.direct = direct
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        out = self.second(h)
+        if self.direct:  # the second layer's weight used outside its call: autograd must see it
+            out = out + (h @ self.second.weight.t()) * 0.5
+        return out
+
+
+def test_the_ghost_backward_skips_weight_gradients_it_would_throw_away() -> None:
+    from lightning_dp.mechanism.grads.check import PerSampleGradientMismatch
+    from lightning_dp.mechanism.grads.ghost import GhostEngine
+
+    torch.manual_seed(0)
+    model, x, y = TwoLinears(), torch.randn(4, 5), torch.randint(0, 3, (4,))
+    params = list(model.parameters())
+    reached = {name: 0 for name, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.register_hook(lambda g, name=name: reached.__setitem__(name, reached[name] + 1))
+    eng = GhostEngine()
+    eng.attach(model)
+
+    def step(b: Any) -> tuple[None, torch.Tensor]:
+        return None, nn.functional.cross_entropy(model(b[0]), b[1])
+
+    _, _, grads = eng.compute(step, (x, y), params, 4, "mean")
+    # The second layer's input carries a gradient: autograd computed no gradient for its
+    # weights; the first layer's weights are the only path to its output's gradient: kept.
+    assert reached == {"first.weight": 1, "first.bias": 1, "second.weight": 0, "second.bias": 0}
+    assert all(p.requires_grad for p in params) and all(p.grad is None for p in params)
+    # ... and every per-example gradient is still exact (one backward pass per example).
+    for k in range(4):
+        ref = torch.autograd.grad(nn.functional.cross_entropy(model(x[k:k + 1]), y[k:k + 1]), params)
+        for got, r in zip(grads.weighted_sum(torch.eye(4)[k]), ref):
+            torch.testing.assert_close(got, r, rtol=1e-5, atol=1e-7)
+
+    # A layer that raises inside its call, after its weights were taken out of autograd (a wrong
+    # input width), leaves them trainable.
+    def failing(b: Any) -> tuple[None, torch.Tensor]:
+        return None, model.second(torch.tanh(model.first(b[0]))[:, :4]).sum()
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        eng.compute(failing, (x, y), params, 4, "mean")
+    assert all(p.requires_grad for p in params)
+    eng.detach()
+
+    # A weight used outside its layer's call as well: that use's gradient is in no record (as
+    # before, when autograd's summed gradient was thrown away), so the start-of-fit check, which
+    # compares with one backward pass per example, refuses the engine for this model.
+    class Direct(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TwoLinears(direct=True)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(32, 5), torch.randint(0, 3, (32,)))
+    with pytest.raises(PerSampleGradientMismatch, match="differ .* net.second.weight"):
+        trainer(max_steps=1, strategy=DPStrategy(noise_multiplier=1.0, engine="ghost")).fit(
+            Direct(), DataLoader(data, batch_size=8))

@@ -101,18 +101,23 @@ def _gram_bound(a: Optional[Tensor], g: Tensor, ids: Optional[Tensor], work: tor
         grams = torch.bmm(g_w, g_w.transpose(1, 2))
         if a is None:
             assert ids is not None
-            grams = grams * (ids.unsqueeze(2) == ids.unsqueeze(1)).to(work)
-            span = torch.linalg.vector_norm(g_w, dim=2, dtype=torch.float64).sum(dim=1)
+            grams = grams.mul_((ids.unsqueeze(2) == ids.unsqueeze(1)).to(work))
+            span = _row_norms(g_w, u).sum(dim=1)
         else:
             a_w = a.to(work)
-            grams = grams * torch.bmm(a_w, a_w.transpose(1, 2))
-            span = (
-                torch.linalg.vector_norm(a_w, dim=2, dtype=torch.float64)
-                * torch.linalg.vector_norm(g_w, dim=2, dtype=torch.float64)
-            ).sum(dim=1)
+            grams = grams.mul_(torch.bmm(a_w, a_w.transpose(1, 2)))
+            span = (_row_norms(a_w, u) * _row_norms(g_w, u)).sum(dim=1)
     computed = grams.sum(dim=2).to(torch.float64).sum(dim=1)
     kappa = 1.01 * u * (d_a + d_g + positions + 2)
     return computed.clamp(min=0.0) + kappa * span.square(), span
+
+
+def _row_norms(t: Tensor, u: float) -> Tensor:
+    """Each position's norm, float64, rounded up: an upper bound on the exact norm. Computed in
+    the Gram's precision (casting the activations to float64 first cost more than the Gram
+    itself), then raised by the worst-case relative rounding of a sum of ``d`` squares and a
+    square root, ``(d + 2) u``, twice over."""
+    return torch.linalg.vector_norm(t, dim=2).to(torch.float64) * (1.0 + 2.0 * (t.shape[2] + 2) * u)
 
 
 def _exact_rows(bound: Tensor, span: Tensor, positions: int) -> Tensor:
@@ -147,10 +152,16 @@ class _Linear:
         if self.exact:
             g = zero_rows(g, _mask(self.exact, g.shape[0], g.device))
         a, g = _wide(self.a), _wide(g)
+        a = a.to(torch.promote_types(a.dtype, g.dtype))
+        g = g.to(a.dtype)
+        w = weights.to(a.dtype).view(-1, 1, 1)
+        if a.shape[-1] < g.shape[-1]:  # weight the narrower of the two (sum_i w_i g_i^T a_i either way)
+            a = a * w
+        else:
+            g = g * w
         with exact_matmul():
-            wg = (g * weights.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
-            flat_a = a.reshape(-1, a.shape[-1]).to(wg.dtype)
-            out = (flat_a.t() @ wg if self.transposed else wg.t() @ flat_a).reshape(self.shape)
+            flat_a, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+            out = (flat_a.t() @ flat_g if self.transposed else flat_g.t() @ flat_a).reshape(self.shape)
         return _plus_exact(out, self.exact, weights)
 
 
