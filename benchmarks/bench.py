@@ -45,6 +45,7 @@ MODES = ["lightning", "dp-ghost", "dp-hooks", "dp-functorch", "dp-loop", "opacus
 # logging every step or at Lightning's default (every 50 steps, none in the timed window).
 LOG_MODES = ["dp-ghost+budget", "dp-ghost+budget-log1"]
 SWEEP_BATCHES = [16, 32, 64, 128]  # memory against batch size, d=128 GPT
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by bench.py -->"
 
 
 # --------------------------------------------------------------------------- models
@@ -283,6 +284,45 @@ def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.d
     return {"step_s": statistics.median(times), "peak_mb": meter.peak(), "startup_s": startup[0]}
 
 
+def phases(model_name: str, device: torch.device, reps: int = 20) -> dict[str, float]:
+    """Where a DP step's time goes, on a fixed batch of the expected size: the non-private forward
+    and backward, then the ghost engine's pass (forward, backward recording layer inputs and
+    output gradients), the per-example norms and the clipped sum; medians in ms, interleaved."""
+    from lightning_dp.mechanism.grads.ghost import GhostEngine
+
+    cfg = dict(MODELS[model_name])
+    torch.manual_seed(0)
+    net, ds, loss_fn = build(cfg)
+    net = net.to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    batch = [t[: cfg["batch"]].to(device) for t in ds.tensors]
+    n = len(batch[0])
+    engine = GhostEngine()
+    engine.attach(net)
+    meter = Meter(device)
+    times: dict[str, list[float]] = {k: [] for k in ("forward", "backward", "ghost pass", "norms", "clipped sum")}
+    for i in range(reps + 3):
+        t0 = meter.tick()
+        loss = loss_fn(net, batch)
+        t1 = meter.tick()
+        loss.backward()
+        t2 = meter.tick()
+        for p in params:
+            p.grad = None
+        t3 = meter.tick()
+        _, _, grads = engine.compute(lambda b: (None, loss_fn(net, b)), batch, params, n, "mean")
+        t4 = meter.tick()
+        weights = (1.0 / grads.sq_norms().sqrt().clamp(min=1.0))
+        t5 = meter.tick()
+        grads.weighted_sum(weights)
+        t6 = meter.tick()
+        if i >= 3:  # after warm-up
+            for series, seconds in zip(times.values(), (t1 - t0, t2 - t1, t4 - t3, t5 - t4, t6 - t5)):
+                series.append(seconds * 1000)
+    engine.detach()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # --------------------------------------------------------------------------- the table
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -300,6 +340,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--phases", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
@@ -311,9 +352,13 @@ def main() -> None:
         res = run_one(args.one[0], args.one[1], steps, warmup, torch.device(args.device), args.batch)
         print("RESULT " + json.dumps(res))
         return
+    if args.phases:
+        print("RESULT " + json.dumps(phases(args.phases, torch.device(args.device))))
+        return
 
-    def measure(model: str, mode: str, batch: int | None = None) -> dict[str, Any]:
-        cmd = [sys.executable, __file__, "--one", model, mode, "--device", args.device, "--steps", str(steps)]
+    def measure(model: str, mode: str, batch: int | None = None, what: str = "--one") -> dict[str, Any]:
+        cmd = [sys.executable, __file__, what, model, *([mode] if what == "--one" else []), "--device", args.device,
+               "--steps", str(steps)]
         if batch:
             cmd += ["--batch", str(batch)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -388,10 +433,26 @@ def main() -> None:
                             f"| {budget['step_s'] * 1000:.1f} | {100 * extra / (1000 * dp['step_s']):.2f}% |")
     overhead_table = "\n".join(overhead)
     print(overhead_table)
+    profile = ["| model | forward | backward | non-private total | ghost pass (forward + backward) | norms | clipped sum "
+               "| DP total | DP / non-private |", "|---|---|---|---|---|---|---|---|---|"]
+    for model in [m for m in models if MODELS[m]["kind"] == "gpt"]:
+        ph = measure(model, "", what="--phases")
+        print("phases", model, ph, flush=True)
+        if "forward" in ph:
+            plain, dp = ph["forward"] + ph["backward"], ph["ghost pass"] + ph["norms"] + ph["clipped sum"]
+            profile.append(f"| {model} | {ph['forward']:.1f} | {ph['backward']:.1f} | {plain:.1f} | {ph['ghost pass']:.1f} "
+                           f"| {ph['norms']:.1f} | {ph['clipped sum']:.1f} | {dp:.1f} | {dp / plain:.2f}x |")
+    profile_table = "\n".join(profile)
+    print(profile_table)
     print(logging_table)
     if sweep_table:
         print(sweep_table)
-    Path(args.out).write_text(
+    # Hand-written analysis below the marker survives a re-run.
+    out = Path(args.out)
+    kept = ""
+    if out.exists() and ANALYSIS_MARKER in out.read_text():
+        kept = "\n" + out.read_text()[out.read_text().index(ANALYSIS_MARKER):]
+    out.write_text(
         "# Benchmark results\n\n"
         f"Machine: {machine()}. Device: {args.device}. {steps} timed steps after {warmup} warm-up, expected "
         "batch 64, noise 1.0, C = 1.0. Produced by `python benchmarks/bench.py"
@@ -404,6 +465,12 @@ def main() -> None:
         "the first step; the budget's per-step cost is the DP + budget step minus the DP step (0 when the "
         "difference is below the noise of the median).\n\n"
         f"{overhead_table}\n"
+        + "\n## Where a DP step's time goes\n\nMedians in ms on one fixed batch of the expected size (no Lightning, "
+        "no sampling): the non-private forward and backward against the ghost engine's pass (forward, then a backward "
+        "that records each layer's input and output gradient and computes no weight gradient for layers whose "
+        "input carries one), the per-example norms (Gram matrices) and the clipped sum (one product per layer).\n\n"
+        f"{profile_table}\n"
+        + kept
     )
 
 
