@@ -393,3 +393,76 @@ def test_the_ghost_backward_skips_weight_gradients_it_would_throw_away() -> None
     with pytest.raises(PerSampleGradientMismatch, match="differ .* net.second.weight"):
         trainer(max_steps=1, strategy=DPStrategy(noise_multiplier=1.0, engine="ghost")).fit(
             Direct(), DataLoader(data, batch_size=8))
+
+
+def _exact_against_one_pass_per_example(model: nn.Module, step: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    from lightning_dp.mechanism.grads.ghost import GhostEngine
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    eng = GhostEngine()
+    eng.attach(model)
+    try:
+        _, _, grads = eng.compute(lambda b: (None, step(*b)), (x, y), params, len(x), "mean")
+    finally:
+        eng.detach()
+    assert all(p.requires_grad for p in params) and all(p.grad is None for p in params)
+    for k in range(len(x)):
+        ref = torch.autograd.grad(step(x[k:k + 1], y[k:k + 1]), params)
+        for got, r in zip(grads.weighted_sum(torch.eye(len(x))[k]), ref):
+            torch.testing.assert_close(got, r, rtol=1e-4, atol=1e-7)
+
+
+def test_a_layer_error_caught_in_the_step_leaves_the_layer_trainable_for_its_next_call() -> None:
+    # The layer's weights are out of autograd during its call; its error, caught by the user's
+    # code (a fallback path), must not leave them so for the fallback's call of the same layer.
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 6), nn.Linear(6, 3)
+    model = nn.ModuleDict({"a": a, "b": b})
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(a(x))
+        try:
+            a(h[..., :5])  # raises inside the call: the wrong width
+        except RuntimeError:
+            pass
+        return nn.functional.cross_entropy(b(h + a(x)).mean(1), y)
+
+    _exact_against_one_pass_per_example(model, step, torch.randn(4, 5, 6), torch.randint(0, 3, (4,)))
+
+
+def test_a_step_calling_the_model_with_other_weights_through_functional_call() -> None:
+    # torch.func.functional_call with non-leaf weights (views of the parameters, as a wrapper that
+    # reshapes or casts them makes): those cannot be taken out of autograd, and need not be.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        views = {k: v.view_as(v) for k, v in model.named_parameters()}
+        return nn.functional.cross_entropy(torch.func.functional_call(model, views, (x,)), y)
+
+    _exact_against_one_pass_per_example(model, step, torch.randn(4, 5), torch.randint(0, 3, (4,)))
+
+
+def test_gpt2s_tied_head_under_bf16_autocast_gets_per_example_gradients() -> None:
+    # GPT-2's lm_head shares wte's weight (two calls: the per-call rule); under autocast its input
+    # (ln_f's output) is float32 and its output gradient bf16.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_dp.mechanism.grads.ghost import GhostEngine
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=23, n_positions=8, resid_pdrop=0,
+                                       embd_pdrop=0, attn_pdrop=0)).train()
+    tokens = torch.randint(0, 23, (4, 8))
+
+    def step(b: torch.Tensor) -> tuple[None, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=b).logits[:, :-1]
+        return None, nn.functional.cross_entropy(logits.reshape(-1, 23).float(), b[:, 1:].reshape(-1))
+
+    eng = GhostEngine()
+    eng.attach(model)
+    _, _, grads = eng.compute(step, tokens, list(model.parameters()), 4, "mean")
+    eng.detach()
+    sq = grads.sq_norms()
+    assert sq.shape == (4,) and bool(torch.isfinite(sq).all()) and bool((sq > 0).all())

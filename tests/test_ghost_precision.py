@@ -51,6 +51,28 @@ def test_a_cancelling_linear_example_contributes_at_most_c(dtype: torch.dtype, p
     assert worst <= C * (1 + 1e-3)
 
 
+@pytest.mark.parametrize(
+    ("a_value", "g_value", "positions", "d_in", "d_out"),
+    [(2e17, 5e-24, 256, 16, 64), (4e18, (1.49 * 2.0**-149) ** 0.5, 64, 16, 256)],
+    ids=["squares-underflow", "products-underflow"],
+)
+def test_gradients_in_float32s_subnormal_range_are_bounded_and_clipped(
+    a_value: float, g_value: float, positions: int, d_in: int, d_out: int
+) -> None:
+    # Output gradients of ~1e-23 against inputs of ~1e18 (a crafted record): the gradient is
+    # ordinary, but float32 squares and products of the small factor fall below the smallest
+    # normal number and lose up to a third (or all) of their value, which relative rounding
+    # bounds do not cover. The bound must still be an upper bound and the release at most C.
+    a, g = torch.full((1, positions, d_in), a_value), torch.full((1, positions, d_out), g_value)
+    true = float(torch.einsum("nli,nlo->noi", a.double(), g.double()).norm())
+    grads = GhostGrads(1, 1)
+    grads.add_linear(0, a, g, False, torch.Size([d_out, d_in]))
+    assert float(grads.sq_norms(torch.float64)[0]) >= true**2
+    small = GhostGrads(1, 1)
+    small.add_linear(0, a * (10 * C / true), g, False, torch.Size([d_out, d_in]))  # the true norm is 10 C
+    assert _released(small, torch.Size([d_out, d_in])) <= C * (1 + 1e-6)
+
+
 def test_float32_terms_of_two_to_the_25_do_not_round_into_the_release() -> None:
     # (2^25, +1 x 127, -2^25, -1 x 127): float32 accumulation keeps the -1s and drops the +1s.
     k = 127

@@ -77,6 +77,9 @@ def _per_example(m: nn.Module, x: Tensor, g: Tensor, n: int) -> dict[str, Tensor
     g3 = g.reshape(n, -1, g.shape[-1])
     if isinstance(m, nn.Linear):
         a = x.reshape(n, -1, x.shape[-1])
+        if a.dtype != g3.dtype:  # under autocast: a float32 input (a LayerNorm's), a bf16 output gradient
+            common = torch.promote_types(a.dtype, g3.dtype)
+            a, g3 = a.to(common), g3.to(common)
         out = {"weight": torch.einsum("nli,nlo->noi", a, g3)}
         if m.bias is not None:
             out["bias"] = g3.sum(dim=1)
@@ -124,6 +127,10 @@ class GhostEngine(PerSampleGradEngine):
             if _own_trainable(m):
                 if type(m) is nn.Linear or _is_conv1d(m) or type(m) is nn.Conv2d:
                     self._handles.append(m.register_forward_pre_hook(self._silence))
+                    # First among the layer's hooks (users' hooks see trainable weights), and also
+                    # when the forward raises: user code may catch the error and call the layer
+                    # again, and a checkpoint's recomputation may stop inside the call.
+                    self._handles.append(m.register_forward_hook(self._restore_hook, prepend=True, always_call=True))
                 self._handles.append(m.register_forward_hook(self._record))
 
     def detach(self) -> None:
@@ -147,16 +154,19 @@ class GhostEngine(PerSampleGradEngine):
         if not (isinstance(first, Tensor) and first.requires_grad):
             return  # the weights are the output's only path to a gradient: keep them
         for _, p in _own_trainable(module):
-            p.requires_grad_(False)
-            self._silenced.append(p)
+            if p.is_leaf:  # not the non-leaf weights of a torch.func.functional_call
+                p.requires_grad_(False)
+                self._silenced.append(p)
 
     def _restore(self) -> None:
         for p in self._silenced:
             p.requires_grad_(True)
         self._silenced = []
 
+    def _restore_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self._restore()
+
     def _record(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
-        self._restore()  # before anything else: the weights are trainable again outside this call
         if not self._recording or not torch.is_grad_enabled():
             return None
         if not (isinstance(output, Tensor) and output.requires_grad):

@@ -96,28 +96,41 @@ def _gram_bound(a: Optional[Tensor], g: Tensor, ids: Optional[Tensor], work: tor
     _, positions, d_g = g.shape
     d_a = 0 if a is None else a.shape[2]
     u = _U32 if work == torch.float32 else 2.0**-53
+    eta = torch.finfo(work).tiny * torch.finfo(work).eps  # the smallest subnormal
     g_w = g.to(work)
     with exact_matmul():
         grams = torch.bmm(g_w, g_w.transpose(1, 2))
+        g_rows = _row_norms(g_w, u, eta)
         if a is None:
             assert ids is not None
             grams = grams.mul_((ids.unsqueeze(2) == ids.unsqueeze(1)).to(work))
-            span = _row_norms(g_w, u).sum(dim=1)
+            span = g_rows.sum(dim=1)
+            a_sum = torch.full_like(span, float(positions))  # one-hot rows: norm 1 each
         else:
             a_w = a.to(work)
             grams = grams.mul_(torch.bmm(a_w, a_w.transpose(1, 2)))
-            span = (_row_norms(a_w, u) * _row_norms(g_w, u)).sum(dim=1)
+            a_rows = _row_norms(a_w, u, eta)
+            span = (a_rows * g_rows).sum(dim=1)
+            a_sum = a_rows.sum(dim=1)
     computed = grams.sum(dim=2).to(torch.float64).sum(dim=1)
     kappa = 1.01 * u * (d_a + d_g + positions + 2)
-    return computed.clamp(min=0.0) + kappa * span.square(), span
+    # Underflow, which kappa (a relative error) does not cover: below the smallest normal number a
+    # product loses up to eta absolutely, so each Gram entry errs by up to d * eta and the sum of
+    # their T^2 products by up to eta (d_g (sum |a_t|)^2 + d_a (sum |g_t|)^2 + T^2 (1 + d_a d_g eta)).
+    # Found by review: gradients of ~1e-23 against inputs of ~1e18 were bounded at 0.8x their norm.
+    g_sum = g_rows.sum(dim=1)
+    underflow = 1.01 * eta * (d_g * a_sum.square() + d_a * g_sum.square() + positions**2 * (1.0 + d_a * d_g * eta))
+    return computed.clamp(min=0.0) + kappa * span.square() + underflow, span
 
 
-def _row_norms(t: Tensor, u: float) -> Tensor:
+def _row_norms(t: Tensor, u: float, eta: float) -> Tensor:
     """Each position's norm, float64, rounded up: an upper bound on the exact norm. Computed in
     the Gram's precision (casting the activations to float64 first cost more than the Gram
     itself), then raised by the worst-case relative rounding of a sum of ``d`` squares and a
-    square root, ``(d + 2) u``, twice over."""
-    return torch.linalg.vector_norm(t, dim=2).to(torch.float64) * (1.0 + 2.0 * (t.shape[2] + 2) * u)
+    square root, ``(d + 2) u``, twice over, plus ``sqrt(d eta)`` for squares that underflowed
+    (each loses at most ``eta / 2``: a float32 entry of 1e-24 squares to 0)."""
+    d = t.shape[2]
+    return torch.linalg.vector_norm(t, dim=2).to(torch.float64) * (1.0 + 2.0 * (d + 2) * u) + math.sqrt(d * eta)
 
 
 def _exact_rows(bound: Tensor, span: Tensor, positions: int) -> Tensor:
