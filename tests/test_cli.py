@@ -99,8 +99,9 @@ def test_a_budget_no_noise_can_meet_is_one_line() -> None:
     assert len(out.stderr.strip().splitlines()) == 1 and "No noise multiplier" in out.stderr
 
 
-def lightning_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    """A LightningCLI script that never imports lightning_dp itself, as users write them."""
+def lightning_cli(tmp_path, *runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """A LightningCLI script that never imports lightning_dp itself, as users write them: one
+    process per argument list, all started together (their imports overlap)."""
     from pathlib import Path
 
     script = tmp_path / "main.py"
@@ -111,21 +112,26 @@ def lightning_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
         "from conftest import Classifier, Data\n"
         "LightningCLI(Classifier, Data)\n"
     )
-    common = ["fit", "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-              "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
-    return subprocess.run([sys.executable, str(script), *common, *args], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+    procs = []
+    for i, args in enumerate(runs):
+        common = ["fit", "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+                  "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / str(i)}"]
+        procs.append(subprocess.Popen([sys.executable, str(script), *common, *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=tmp_path))
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
 
 
 @pytest.mark.slow
 def test_lightning_cli_takes_the_class_paths_without_importing_lightning_dp(tmp_path) -> None:
-    out = lightning_cli(tmp_path, "--trainer.strategy.class_path=lightning_dp.DPStrategy",
-                        "--trainer.callbacks+=lightning_dp.PrivacyBudget", "--trainer.callbacks.epsilon=3",
-                        "--trainer.callbacks.delta=1e-5")
+    budget = ("--trainer.strategy.class_path=lightning_dp.DPStrategy", "--trainer.callbacks+=lightning_dp.PrivacyBudget",
+              "--trainer.callbacks.epsilon=3")
+    out, missing = lightning_cli(tmp_path, (*budget, "--trainer.callbacks.delta=1e-5"), budget)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "per-sample gradients by the 'ghost' engine" in out.stderr + out.stdout
-    missing = lightning_cli(tmp_path, "--trainer.strategy.class_path=lightning_dp.DPStrategy",
-                            "--trainer.callbacks+=lightning_dp.PrivacyBudget", "--trainer.callbacks.epsilon=3")
     assert missing.returncode != 0 and "PrivacyBudget needs delta" in missing.stderr
 
 

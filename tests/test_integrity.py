@@ -3,8 +3,6 @@ written by lightning-dp 0.1 (no digests) still resumes."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +13,20 @@ from conftest import Classifier, loader, make_dataset, trainer
 from lightning_dp import DPStrategy, PrivacyBudget
 from lightning_dp.core.accounting import compute_epsilon
 from lightning_dp.core.integrity import KEY_VARIABLE
+
+def report_command(path: Path, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """``python -m lightning_dp report PATH`` in this process (tests/test_report.py runs it as a
+    module once): its exit code, standard output and error."""
+    from lightning_dp.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(["report", str(path)])
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
 
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_v0_1.ckpt"
 
@@ -140,7 +152,7 @@ def test_a_checkpoint_written_by_lightning_dp_0_1_resumes_when_allowed_and_is_ma
     assert again.ledger_verified is False
 
 
-def test_a_ledger_copied_whole_from_another_runs_checkpoint_is_refused(tmp_path: Path) -> None:
+def test_a_ledger_copied_whole_from_another_runs_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cheap, costly = tmp_path / "cheap.ckpt", tmp_path / "costly.ckpt"
     write_checkpoint(cheap)
     write_checkpoint(costly)
@@ -149,9 +161,8 @@ def test_a_ledger_copied_whole_from_another_runs_checkpoint_is_refused(tmp_path:
     torch.save(spliced, tmp_path / "spliced.ckpt")
     with pytest.raises(ValueError, match="'binding'"):
         resume(tmp_path / "spliced.ckpt")
-    proc = subprocess.run([sys.executable, "-m", "lightning_dp", "report", str(tmp_path / "spliced.ckpt")],
-                          capture_output=True, text=True)
-    assert proc.returncode != 0 and "'binding'" in proc.stderr
+    code, _, err = report_command(tmp_path / "spliced.ckpt", capsys)
+    assert code != 0 and "'binding'" in err
 
 
 def test_a_stripped_digest_is_refused_like_a_0_1_ledger(tmp_path: Path) -> None:
@@ -164,10 +175,10 @@ def test_a_stripped_digest_is_refused_like_a_0_1_ledger(tmp_path: Path) -> None:
         resume(edited(tmp_path, strip))
 
 
-def test_the_report_command_refuses_a_tampered_checkpoint(tmp_path: Path) -> None:
+def test_the_report_command_refuses_a_tampered_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = edited(tmp_path, larger_sigma)
-    proc = subprocess.run([sys.executable, "-m", "lightning_dp", "report", str(path)], capture_output=True, text=True)
-    assert proc.returncode != 0 and "'history'" in proc.stderr
+    code, _, err = report_command(path, capsys)
+    assert code != 0 and "'history'" in err
 
 
 class AdapterOnly(Classifier):
@@ -185,7 +196,7 @@ class AdapterOnly(Classifier):
         checkpoint["state_dict"]["net.0.weight"] = self.net[0].weight.detach().clone()  # a hook that adds back
 
 
-def test_a_module_that_trims_its_checkpoint_resumes_and_its_report_verifies(tmp_path: Path) -> None:
+def test_a_module_that_trims_its_checkpoint_resumes_and_its_report_verifies(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # Lightning calls the callbacks' on_save_checkpoint before the module's: the binding must be
     # over the weights the file holds, and resume must check the file before the module's hook edits it.
     path = tmp_path / "adapter.ckpt"
@@ -197,8 +208,8 @@ def test_a_module_that_trims_its_checkpoint_resumes_and_its_report_verifies(tmp_
     t = trainer(max_steps=5, strategy=DPStrategy(noise_multiplier=1.0), callbacks=[budget])
     t.fit(AdapterOnly(), loader(make_dataset()), ckpt_path=path)
     assert budget.ledger_verified and budget.history.steps == 5
-    proc = subprocess.run([sys.executable, "-m", "lightning_dp", "report", str(path)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = report_command(path, capsys)
+    assert code == 0, err
     # The binding still covers what the file holds: an edited adapter weight is refused.
     tampered = torch.load(path, weights_only=False)
     tampered["state_dict"]["net.2.weight"] = tampered["state_dict"]["net.2.weight"] * 0
@@ -211,7 +222,7 @@ def test_a_module_that_trims_its_checkpoint_resumes_and_its_report_verifies(tmp_
 PRE_CORE = Path(__file__).resolve().parent / "fixtures" / "pre_core_870e4b4.ckpt"
 
 
-def test_a_checkpoint_written_before_the_privacy_core_resumes_verified_and_continues(tmp_path: Path) -> None:
+def test_a_checkpoint_written_before_the_privacy_core_resumes_verified_and_continues(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
     t = trainer(max_steps=7, default_root_dir=tmp_path, callbacks=[budget],
                 strategy=DPStrategy(max_grad_norm=1.0, noise_multiplier=1.1))
@@ -219,6 +230,6 @@ def test_a_checkpoint_written_before_the_privacy_core_resumes_verified_and_conti
     assert budget.ledger_verified is True
     assert budget.history.segments == [(1.1, 0.125, 7)]  # the 5 steps it held, then 2 more, merged
     assert budget.epsilon_spent == pytest.approx(compute_epsilon([(1.1, 0.125, 7)], 1e-5))
-    proc = subprocess.run([sys.executable, "-m", "lightning_dp", "report", str(PRE_CORE)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "2.296" in proc.stdout  # epsilon after its 5 steps
+    code, out, err = report_command(PRE_CORE, capsys)
+    assert code == 0, err
+    assert "2.296" in out  # epsilon after its 5 steps
