@@ -146,8 +146,9 @@ class GhostEngine(PerSampleGradEngine):
         gradient of these weights is assembled from the recorded input and output gradient; the
         summed weight gradient autograd would also compute is thrown away (about a third of the
         backward's products). The call's output still carries a gradient through its input, so
-        it is always recorded; a use of the weights outside the layer's call still reaches
-        autograd (and the check for gradients outside any recorded layer)."""
+        it is always recorded. A use of the weights outside the layer's call is in no record,
+        as before (autograd's sum was thrown away): the start-of-fit check, one backward pass per
+        example, refuses such a model (tests/test_engines.py)."""
         if not self._recording or not torch.is_grad_enabled():
             return
         first = inputs[0] if inputs else None
