@@ -28,8 +28,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("ddp")
     PrivacyLedger(str(root / "ledger.db"), "patients", epsilon=8.0, delta=1e-6)  # for "ledger"
+    # cwd: the scenarios without a logger write their privacy reports there (a module fixture runs
+    # before conftest's per-test chdir into tmp_path).
     proc = subprocess.run([sys.executable, str(SCRIPT), str(root), *SCENARIOS], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 

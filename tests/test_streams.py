@@ -27,7 +27,7 @@ def run_together(runs: list[tuple]) -> list[torch.Tensor]:
     for out, *args in runs:
         out.mkdir(parents=True, exist_ok=True)
         procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(out), *args], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+                                      stderr=subprocess.PIPE, text=True, cwd=out))  # its privacy report goes there
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
