@@ -483,9 +483,8 @@ def main() -> None:
         print(sweep_table)
     # Hand-written analysis below the marker survives a re-run.
     out = Path(args.out)
-    kept = ""
-    if out.exists() and ANALYSIS_MARKER in out.read_text():
-        kept = "\n" + out.read_text()[out.read_text().index(ANALYSIS_MARKER):]
+    previous = out.read_text() if out.exists() else ""
+    kept = "\n" + previous[previous.index(ANALYSIS_MARKER):] if ANALYSIS_MARKER in previous else ""
     out.write_text(
         "# Benchmark results\n\n"
         f"Machine: {machine()}. Device: {args.device}. {steps} timed steps after {warmup} warm-up, expected "

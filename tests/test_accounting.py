@@ -178,7 +178,7 @@ def test_the_prv_domain_from_memoised_rdp_is_opacus_own(segments: list) -> None:
     prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in segments]
     counts = [n for _, _, n in segments]
     for delta_error in (DELTA / 1000, 1e-12):
-        assert _safe_domain_size(segments, 0.01, delta_error) == compute_safe_domain_size(prvs, counts, 0.01, delta_error)
+        assert _safe_domain_size(tuple(segments), 0.01, delta_error) == compute_safe_domain_size(prvs, counts, 0.01, delta_error)
     stock = PRVAccountant()
     stock.history = list(segments)
     assert compute_epsilon(segments, DELTA, "prv") == stock.get_epsilon(delta=DELTA)

@@ -151,9 +151,11 @@ def _prv_points(segments: tuple[Segment, ...], delta: float) -> float:
     return 2 * _safe_domain_size(segments, eps_error, delta_error) / _prv_mesh(segments, eps_error, delta_error)
 
 
-def _safe_domain_size(segments: Sequence[Segment], eps_error: float, delta_error: float) -> float:
+@functools.lru_cache(maxsize=1024)
+def _safe_domain_size(segments: tuple[Segment, ...], eps_error: float, delta_error: float) -> float:
     """Opacus's ``compute_safe_domain_size`` (Gopi et al. 2021, remark 5.6, as their code has it):
-    how far the privacy loss reaches, from the RDP bounds of the whole history and of one step."""
+    how far the privacy loss reaches, from the RDP bounds of the whole history and of one step.
+    Memoised: a PRV query asks for it twice (the size check, then the accountant's domain)."""
     total = sum(n for _, _, n in segments)
     reach = float(rdp_to_epsilon(rdp_curve(segments), delta_error / 4))
     for sigma, q, _ in segments:
