@@ -466,3 +466,42 @@ def test_gpt2s_tied_head_under_bf16_autocast_gets_per_example_gradients() -> Non
     eng.detach()
     sq = grads.sq_norms()
     assert sq.shape == (4,) and bool(torch.isfinite(sq).all()) and bool((sq > 0).all())
+
+
+class Norms(nn.Module):
+    """LayerNorms of every shape the ghost engine's own LayerNorm rule covers: over the last
+    dimension of a sequence, over two dimensions, without a bias, without affine parameters, and
+    on a (batch, features) input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.LayerNorm(4)
+        self.two = nn.LayerNorm((3, 4))
+        self.no_bias = nn.LayerNorm(4, bias=False)
+        self.plain = nn.LayerNorm(4, elementwise_affine=False)
+        self.flat = nn.LayerNorm(12)
+        for p in self.parameters():  # away from their initial 1 and 0: a wrong rule shows
+            nn.init.normal_(p)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.no_bias(self.plain(self.two(self.seq(x)))) * torch.arange(1.0, 5.0)
+        return (self.flat(h.flatten(1)) * torch.linspace(-1.0, 2.0, 12)).square().sum()
+
+
+def test_the_ghost_layer_norm_rule_matches_per_example_gradients() -> None:
+    from lightning_dp.mechanism.grads.ghost import GhostEngine
+
+    torch.manual_seed(0)
+    model, x = Norms(), torch.randn(5, 3, 4) * 3 + 1
+    params = list(model.parameters())
+    eng = GhostEngine()
+    eng.attach(model)
+    _, _, grads = eng.compute(lambda b: (None, model.loss(b)), x, params, 5, "sum")
+    eng.detach()
+    assert len(grads.materialized) == len(params) == 7  # every LayerNorm parameter: 4 weights, 3 biases
+    sq_norms = grads.sq_norms()
+    for k in range(5):
+        ref = torch.autograd.grad(model.loss(x[k : k + 1]), params)
+        for g, r in zip(grads.weighted_sum(torch.eye(5)[k]), ref):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+        assert sq_norms[k].item() == pytest.approx(sum((r**2).sum().item() for r in ref), rel=1e-5)
