@@ -3,11 +3,15 @@
     python benchmarks/bench.py              # all models and modes; writes benchmarks/RESULTS.md
     python benchmarks/bench.py --quick      # fewer steps, the small models only
 
-Each (model, mode) runs in its own subprocess so peak memory is measured cleanly: the
-figure is the growth of the process's peak resident memory over its resident memory just
-before the first step (CPU), or torch's peak allocated memory (CUDA). Step time is the median
-over the timed steps (after warm-up) of one optimizer step including forward, backward,
-clipping and noise, excluding data loading.
+Each (model, mode) runs in its own subprocess so peak memory is measured cleanly. Two
+figures: the *tensor* peak of one extra, untimed step (on CPU from the profiler's record of
+the allocator, on CUDA torch's peak allocated memory; the growth over the tensors alive when
+the step began, scaled to the expected batch size since a Poisson draw sets that step's
+size), and the *process* peak: the growth of the peak resident memory over the resident
+memory before the first step (CPU), which also counts freed memory the C allocator keeps,
+and so depends on the order of earlier allocations. Step time is the median over the timed
+steps (after warm-up) of one optimizer step including forward, backward, clipping and noise,
+excluding data loading.
 
 Modes: ``lightning`` (no privacy), ``dp-<engine>`` (``DPStrategy(engine=...)``), and
 ``opacus`` (a plain PyTorch loop with Opacus ``make_private``, hooks, Poisson sampling).
@@ -168,6 +172,47 @@ class Meter:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def tensors_start(self) -> None:
+        """Start measuring the live tensors of one step (run it after the timed steps: the
+        profiler slows the step down)."""
+        self._profile: Any = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._tensor_base = torch.cuda.memory_allocated()
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+
+    def tensors_peak(self) -> float:
+        """The step's peak of live tensor memory over the tensors alive when it began, in MB: on
+        CUDA, torch's peak allocated memory; on CPU the same quantity from the profiler's memory
+        timeline. Unlike the process's resident memory, it does not count what the C allocator
+        keeps of freed tensors (which depends on the order of earlier allocations)."""
+        if self._profile is None:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self._tensor_base) / 2**20
+        from torch._C._profiler import _EventType
+
+        self._profile.__exit__(None, None, None)
+        # The CPU allocator's running total of the bytes allocated while profiling (less those
+        # freed again): blocks from before the step freed during it are not subtracted.
+        peak, stack = 0, list(self._profile.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            event = stack.pop()
+            stack.extend(event.children)
+            if event.typed[0] == _EventType.Allocation:
+                peak = max(peak, event.typed[1].total_allocated)
+        return peak / 2**20
+
+
+def _tensors(mb: float, batch: int, expected: int) -> dict[str, float]:
+    """The profiled step's tensor peak, and the same scaled to the expected batch size: under
+    Poisson sampling that step's batch is a random draw (activations grow with it)."""
+    return {"tensor_mb": mb, "tensor_batch": batch, "tensor_mb_scaled": mb * expected / max(batch, 1)}
+
 
 def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.device,
             batch: int | None = None) -> dict[str, Any]:
@@ -213,17 +258,21 @@ def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.d
         times: list[float] = []
         it = iter(loader)
         meter.start_run()
-        for i in range(warmup + steps):
+        for i in range(warmup + steps + 1):
             batch = [t.to(device) for t in next(it)]
+            if i == warmup + steps:  # the last step, untimed: its tensors
+                peak_mb, tensor_batch = meter.peak(), len(batch[0])
+                meter.tensors_start()
             t0 = meter.tick()
             opt.zero_grad()
             if len(batch[0]):
                 opacus_loss(batch).backward()
             opt.step()
             t1 = meter.tick()
-            if i >= warmup:
+            if warmup <= i < warmup + steps:
                 times.append(t1 - t0)
-        return {"step_s": statistics.median(times), "peak_mb": meter.peak()}
+        return {"step_s": statistics.median(times), "peak_mb": peak_mb,
+                **_tensors(meter.tensors_peak(), tensor_batch, cfg["batch"])}
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -240,18 +289,26 @@ def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.d
 
     startup: list[float] = []
     accounting: list[float] = []
+    peaks: list[float] = []  # the process's, then the last step's tensors
+    profiled_batch: list[int] = []  # that step's batch size (a Poisson draw under DP)
 
     class Timer(L.Callback):
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             meter.start_run()
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == warmup + steps:  # a last step, untimed: its tensors
+                peaks.append(meter.peak())
+                profiled_batch.append(len(batch[0]))
+                meter.tensors_start()
             self.t0 = meter.tick()
             if not startup:  # from trainer.fit() to the first step: set-up, the check, the calibration
                 startup.append(self.t0 - fit_started)
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            if batch_idx >= warmup:
+            if batch_idx == warmup + steps:
+                peaks.append(meter.tensors_peak())
+            elif batch_idx >= warmup:
                 times.append(meter.tick() - self.t0)
 
     kwargs: dict[str, Any] = {"logger": False}
@@ -289,7 +346,8 @@ def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.d
             kwargs["logger"] = CSVLogger(tempfile.mkdtemp())
             kwargs["log_every_n_steps"] = 1 if extra.endswith("log1") else 50
     trainer = L.Trainer(
-        max_steps=warmup + steps, accelerator=device.type, devices=1, enable_checkpointing=False,
+        # Not with the budget: its timed hooks would run under the profiler.
+        max_steps=warmup + steps + (0 if "+" in mode else 1), accelerator=device.type, devices=1, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs,
     )
     import warnings
@@ -298,7 +356,9 @@ def run_one(model_name: str, mode: str, steps: int, warmup: int, device: torch.d
         warnings.simplefilter("ignore")
         fit_started = meter.tick()
         trainer.fit(Module(), loader)
-    result = {"step_s": statistics.median(times), "peak_mb": meter.peak(), "startup_s": startup[0]}
+    result = {"step_s": statistics.median(times), "startup_s": startup[0]}
+    result.update({"peak_mb": peaks[0], **_tensors(peaks[1], profiled_batch[0], cfg["batch"])} if peaks
+                  else {"peak_mb": meter.peak()})
     if accounting:  # every measured step's total (one-off costs included), and the typical step
         result["accounting_total_s"], result["accounting_steps"] = sum(accounting), len(accounting)
         result["accounting_max_s"] = max(accounting)
@@ -435,26 +495,32 @@ def main() -> None:
             if "step_s" in r:
                 opac = results.get("opacus", {})
                 vs_opacus = f"{r['step_s'] / opac['step_s']:.2f}x" if "step_s" in opac else "n/a"
+                tensors = r.get("tensor_mb_scaled", float("nan"))
                 rows.append((model, mode, f"{r['step_s'] * 1000:.1f}", f"{r['step_s'] / base['step_s']:.2f}x",
-                             vs_opacus, f"{r['peak_mb']:.0f}", f"{r['peak_mb'] / max(base['peak_mb'], 1):.2f}x"))
+                             vs_opacus, f"{tensors:.0f}", f"{tensors / max(base.get('tensor_mb_scaled', 1.0), 1e-9):.2f}x",
+                             f"{r['peak_mb']:.0f}", f"{r['peak_mb'] / max(base['peak_mb'], 1):.2f}x"))
             else:
-                rows.append((model, mode, "-", "-", "-", "-", r.get("skipped") or r.get("error", "")))
+                rows.append((model, mode, "-", "-", "-", "-", "-", "-", r.get("skipped") or r.get("error", "")))
 
-    header = ("model", "mode", "step ms (median)", "time vs non-private", "time vs Opacus", "peak MB", "memory vs non-private")
+    header = ("model", "mode", "step ms (median)", "time vs non-private", "time vs Opacus", "tensor peak MB",
+              "tensor memory vs non-private", "process peak MB", "process memory vs non-private")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
     print(table)
 
     sweep_modes = ["lightning", "dp-ghost", "dp-hooks"]
-    sweep = ["| batch | " + " | ".join(f"{m} peak MB" for m in sweep_modes) + " | ghost / non-private | hooks / non-private |",
-             "|" + "---|" * (len(sweep_modes) + 3)]
+    sweep = ["| batch | " + " | ".join(f"{m} tensor peak MB" for m in sweep_modes)
+             + " | ghost / non-private (tensors) | hooks / non-private (tensors) | " + " | ".join(f"{m} process peak MB" for m in sweep_modes)
+             + " | ghost / non-private (process) |", "|" + "---|" * (2 * len(sweep_modes) + 4)]
     for batch in [] if args.quick else SWEEP_BATCHES:
         res = {m: measure("gpt-d128-T64", m, batch) for m in sweep_modes}
         print("sweep", batch, res, flush=True)
+        tb = {m: res[m].get("tensor_mb_scaled", float("nan")) for m in sweep_modes}
         mb = {m: res[m].get("peak_mb", float("nan")) for m in sweep_modes}
-        sweep.append(f"| {batch} | " + " | ".join(f"{mb[m]:.0f}" for m in sweep_modes)
-                     + f" | {mb['dp-ghost'] / mb['lightning']:.2f}x | {mb['dp-hooks'] / mb['lightning']:.2f}x |")
+        sweep.append(f"| {batch} | " + " | ".join(f"{tb[m]:.0f}" for m in sweep_modes)
+                     + f" | {tb['dp-ghost'] / tb['lightning']:.2f}x | {tb['dp-hooks'] / tb['lightning']:.2f}x | "
+                     + " | ".join(f"{mb[m]:.0f}" for m in sweep_modes) + f" | {mb['dp-ghost'] / mb['lightning']:.2f}x |")
     sweep_table = "\n".join(sweep) if len(sweep) > 2 else ""
     logging = ["| model | step ms, logging at the default interval | step ms, logging every step | cost of logging every step |",
                "|---|---|---|---|"]

@@ -30,6 +30,8 @@ def bench() -> ModuleType:
 def test_benchmark_measures_one_configuration(bench: ModuleType, mode: str) -> None:
     result = bench.run_one("digits-mlp", mode, steps=2, warmup=1, device=torch.device("cpu"))
     assert result["step_s"] > 0 and result["peak_mb"] >= 0
+    if "+" not in mode:  # one more, profiled step: its tensors (the batch holds 30-ish digits)
+        assert result["tensor_mb"] > 0 and result["tensor_batch"] > 0
 
 
 def test_the_profile_of_a_step_has_every_phase(bench: ModuleType) -> None:

@@ -505,3 +505,46 @@ def test_the_ghost_layer_norm_rule_matches_per_example_gradients() -> None:
         for g, r in zip(grads.weighted_sum(torch.eye(5)[k]), ref):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
         assert sq_norms[k].item() == pytest.approx(sum((r**2).sum().item() for r in ref), rel=1e-5)
+
+
+class Penalised(nn.Module):
+    """A gradient penalty, as WGAN-GP writes it: the input gradient of the output, by
+    torch.autograd.grad with create_graph=True, in the loss."""
+
+    def __init__(self, norm: bool, penalty: bool) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6) if norm else nn.Tanh(), nn.Linear(6, 1))
+        self.penalty = penalty
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone().requires_grad_(True)
+        out = self.net(x)
+        if not self.penalty:
+            return out.square().sum()
+        (slope,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return out.sum() + (slope.norm(dim=1) - 1).square().sum()
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("penalty", [True, False])
+def test_ghost_refuses_a_step_that_differentiates_through_its_layers_itself(norm: bool, penalty: bool) -> None:
+    from lightning_dp.mechanism.grads.engine import PerSampleGradientError
+    from lightning_dp.mechanism.grads.ghost import GhostEngine
+
+    torch.manual_seed(0)
+    model, x = Penalised(norm, penalty), torch.randn(5, 4)
+    params = list(model.parameters())
+    eng = GhostEngine()
+    eng.attach(model)
+    try:
+        if penalty:
+            with pytest.raises(PerSampleGradientError, match="two gradients"):
+                eng.compute(lambda b: (None, model.loss(b)), x, params, 5, "sum")
+            return
+        _, _, grads = eng.compute(lambda b: (None, model.loss(b)), x, params, 5, "sum")
+    finally:
+        eng.detach()
+    for k in range(5):  # the same layers without the penalty: exact
+        ref = torch.autograd.grad(model.loss(x[k : k + 1]), params)
+        for g, r in zip(grads.weighted_sum(torch.eye(5)[k]), ref):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
