@@ -8,6 +8,7 @@ with and without the crafted example (noise off), against ``C``."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import lightning as L
 import pytest
@@ -152,3 +153,66 @@ def test_bf16_mixed_ghost_clipping_keeps_the_sensitivity_under_c(engine: str, no
     full = _step_sum(TensorDataset(x, y), width, engine)
     without = _step_sum(Subset(TensorDataset(x, y), list(range(1, n))), width, engine)
     assert float((full - without).norm()) <= C * (1 + 1e-2)
+
+
+@pytest.fixture
+def fast_float32_settings() -> Any:
+    """The process-wide switches users flip for speed, put back afterwards."""
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_float32_matmul_precision(precision)
+
+
+def test_bf16_float32_products_do_not_round_a_contribution_past_c(fast_float32_settings: None) -> None:
+    """``set_float32_matmul_precision("medium")`` runs float32 products in bf16 on CPUs with AMX
+    (this project's CI machine; TF32 on CUDA): a Gram entry of 256 terms of 1.0038^2 came out
+    256.0 instead of 257.95, the bound fell below the norm and the example released 1.0076 C. On
+    a CPU without AMX (or bf16 matmuls) the setting changes nothing and this test cannot fail."""
+    a = torch.full((1, 8, 256), 1.0038)
+    grads = GhostGrads(1, 1)
+    grads.add_linear(0, a, a.clone(), False, torch.Size([256, 256]))
+    torch.set_float32_matmul_precision("medium")
+    assert _released(grads, torch.Size([256, 256])) <= C * (1 + 1e-6)
+    assert torch.get_float32_matmul_precision() == "medium"  # the user's setting, restored
+
+
+@pytest.mark.parametrize("engine_grads", ["ghost", "materialized"])
+def test_the_clipped_sum_is_exact_under_bf16_float32_products(fast_float32_settings: None, engine_grads: str) -> None:
+    """Every engine's clipped sum, not only ghost clipping's: a weighted sum rounded to bf16
+    moves each contribution by up to 2^-8 of itself (CPUs with AMX; TF32 on CUDA)."""
+    from lightning_dp.mechanism.grads.engine import Materialized
+
+    torch.manual_seed(0)
+    a, g = torch.randn(16, 8, 32) + 1.0, torch.randn(16, 8, 24)
+    per_example = torch.einsum("nli,nlo->noi", a.double(), g.double())
+    if engine_grads == "ghost":
+        grads: Any = GhostGrads(16, 1)
+        grads.add_linear(0, a, g, False, torch.Size([24, 32]))
+    else:
+        grads = Materialized([per_example.float()], 16)
+    # The mechanism's own factors (ghost clipping's norms are rigorous upper bounds), in float64.
+    factors = (C / (grads.sq_norms(torch.float64).sqrt() + 1e-6)).clamp(max=1.0)
+    exact = (per_example * factors.view(-1, 1, 1)).sum(0)
+    torch.set_float32_matmul_precision("medium")
+    w = nn.Parameter(torch.zeros(24, 32))
+    mech = GaussianMechanism([w], max_grad_norm=C)
+    mech.add(grads)
+    mech.release(noise_multiplier=0.0, expected_batch_size=1.0)
+    assert w.grad is not None
+    assert float((w.grad.double() - exact).norm() / exact.norm()) < 1e-5
+
+
+def test_flushing_subnormals_to_zero_does_not_release_a_crafted_example(fast_float32_settings: None) -> None:
+    """``torch.set_flush_denormal(True)`` zeroes the subnormal Gram entries of gradients of 1e-20
+    against inputs of 1e18, below the bound's underflow term (the smallest subnormal): the
+    review's example released 82 C. The private arithmetic runs with gradual underflow."""
+    from lightning_dp.mechanism.exact import _flushes_subnormals
+
+    a, g = torch.full((1, 64, 128), 1e18), torch.full((1, 64, 128), 1e-20)
+    grads = GhostGrads(1, 1)
+    grads.add_linear(0, a, g, False, torch.Size([128, 128]))
+    if not torch.set_flush_denormal(True):
+        pytest.fail("this CPU cannot flush subnormals: the test would show nothing")
+    assert _released(grads, torch.Size([128, 128])) <= C * (1 + 1e-3)
+    assert _flushes_subnormals()  # the user's setting, restored

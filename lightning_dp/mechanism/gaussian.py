@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_dp.mechanism.exact import exact_arithmetic
 from lightning_dp.mechanism.grads.engine import Materialized, PerExampleGrads, clipping_sq_norms
 from lightning_dp.mechanism.streams import RandomStreams
 
@@ -82,6 +83,10 @@ class GaussianMechanism:
         if not isinstance(grads, PerExampleGrads):
             present = [g for g in grads if g is not None]
             grads = Materialized(list(grads), present[0].shape[0] if present else 0)
+        with exact_arithmetic():  # a bf16 or TF32 product would round a contribution past C
+            return self._add(grads, units)
+
+    def _add(self, grads: PerExampleGrads, units: Optional[Sequence[int]]) -> Tensor:
         if units is not None:
             grads = grads.grouped(units)
         if grads.batch_size == 0:

@@ -13,7 +13,8 @@ result, and in floating point the norm can come out far too small and the produc
 * an example whose bound is small against ``S`` (cancellation, or rounding that could dominate
   its clipped contribution) is computed **exactly** instead: its ``M_i`` in float64, whose norm
   and contribution are then the same numbers;
-* every product runs in at least float32 (bf16 activations are upcast) and without TF32.
+* every product runs in at least float32 (bf16 activations are upcast), in IEEE float32 (no TF32
+  or bf16 for float32 products) and with gradual underflow (:func:`exact_arithmetic`).
 
 With these, the rounding of the released sum moves one example's contribution by at most
 ``1e-3 C`` (see :data:`EXACT_BELOW`).
@@ -22,14 +23,14 @@ With these, the rounding of the released sum moves one example's contribution by
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from lightning_dp.mechanism.exact import exact_arithmetic
 from lightning_dp.mechanism.grads.engine import (
     PerExampleGrads,
     PerSampleGradientError,
@@ -48,20 +49,6 @@ _MAX_SLACK = 1e-2
 #: ``w = C / bound``; examples whose bound is below ``max(1 / (4 sqrt(T)), EXACT_BELOW * T u) S``
 #: are computed exactly, so that this is at most ``1e-3 C``.
 EXACT_BELOW = 1e3
-
-
-@contextmanager
-def exact_matmul() -> Iterator[None]:
-    """float32 matrix products in float32, not TF32 (whose 10-bit mantissa would void the bounds)."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -98,7 +85,7 @@ def _gram_bound(a: Optional[Tensor], g: Tensor, ids: Optional[Tensor], work: tor
     u = _U32 if work == torch.float32 else 2.0**-53
     eta = torch.finfo(work).tiny * torch.finfo(work).eps  # the smallest subnormal
     g_w = g.to(work)
-    with exact_matmul():
+    with exact_arithmetic():
         grams = torch.bmm(g_w, g_w.transpose(1, 2))
         g_rows = _row_norms(grams, d_g, u, eta)
         if a is None:
@@ -175,7 +162,7 @@ class _Linear:
             a = a * w
         else:
             g = g * w
-        with exact_matmul():
+        with exact_arithmetic():
             flat_a, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
             out = (flat_a.t() @ flat_g if self.transposed else flat_g.t() @ flat_a).reshape(self.shape)
         return _plus_exact(out, self.exact, weights)
@@ -268,21 +255,23 @@ class GhostGrads(PerExampleGrads):
         and the examples computed exactly, an upper bound that absorbs rounding for the others."""
         n = self.batch_size
         sq = torch.zeros(n, dtype=torch.float64, device=self._device())
-        for g in self.materialized.values():
-            sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float64).square()
-        for record in self._records():
-            record.plan()
-            assert record.bound is not None
-            sq += record.bound
+        with exact_arithmetic():
+            for g in self.materialized.values():
+                sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float64).square()
+            for record in self._records():
+                record.plan()
+                assert record.bound is not None
+                sq += record.bound
         return sq.to(dtype)
 
     def weighted_sum(self, weights: Tensor) -> list[Optional[Tensor]]:
         out: list[Optional[Tensor]] = [None] * self.num_params
-        for i, g in self.materialized.items():
-            wide = _wide(g)
-            out[i] = torch.einsum("i,i...->...", weights.to(wide.dtype), wide)
-        for record in self._records():
-            out[record.index] = record.weighted_sum(weights)
+        with exact_arithmetic():
+            for i, g in self.materialized.items():
+                wide = _wide(g)
+                out[i] = torch.einsum("i,i...->...", weights.to(wide.dtype), wide)
+            for record in self._records():
+                out[record.index] = record.weighted_sum(weights)
         return out
 
     def drop(self, rows: Tensor) -> None:
