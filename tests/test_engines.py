@@ -508,43 +508,47 @@ def test_the_ghost_layer_norm_rule_matches_per_example_gradients() -> None:
 
 
 class Penalised(nn.Module):
-    """A gradient penalty, as WGAN-GP writes it: the input gradient of the output, by
-    torch.autograd.grad with create_graph=True, in the loss."""
+    """A step that differentiates through its own layers: a gradient penalty as WGAN-GP writes it
+    (torch.autograd.grad with create_graph=True, in the loss), or an input gradient only logged
+    (saliency: no create_graph, not in the loss)."""
 
-    def __init__(self, norm: bool, penalty: bool) -> None:
+    def __init__(self, norm: bool, extra: str) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6) if norm else nn.Tanh(), nn.Linear(6, 1))
-        self.penalty = penalty
+        self.extra = extra
+        self.saliency: list[torch.Tensor] = []
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clone().requires_grad_(True)
         out = self.net(x)
-        if not self.penalty:
+        if self.extra == "saliency":
+            self.saliency.append(torch.autograd.grad(out.square().sum(), x, retain_graph=True)[0])
+        if self.extra != "penalty":
             return out.square().sum()
         (slope,) = torch.autograd.grad(out.sum(), x, create_graph=True)
         return out.sum() + (slope.norm(dim=1) - 1).square().sum()
 
 
 @pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("penalty", [True, False])
-def test_ghost_refuses_a_step_that_differentiates_through_its_layers_itself(norm: bool, penalty: bool) -> None:
+@pytest.mark.parametrize("extra", ["penalty", "saliency", "none"])
+def test_ghost_refuses_a_step_that_differentiates_through_its_layers_into_the_loss(norm: bool, extra: str) -> None:
     from lightning_dp.mechanism.grads.engine import PerSampleGradientError
     from lightning_dp.mechanism.grads.ghost import GhostEngine
 
     torch.manual_seed(0)
-    model, x = Penalised(norm, penalty), torch.randn(5, 4)
+    model, x = Penalised(norm, extra), torch.randn(5, 4)
     params = list(model.parameters())
     eng = GhostEngine()
     eng.attach(model)
     try:
-        if penalty:
-            with pytest.raises(PerSampleGradientError, match="two gradients"):
+        if extra == "penalty":
+            with pytest.raises(PerSampleGradientError, match="create_graph=True"):
                 eng.compute(lambda b: (None, model.loss(b)), x, params, 5, "sum")
             return
         _, _, grads = eng.compute(lambda b: (None, model.loss(b)), x, params, 5, "sum")
     finally:
         eng.detach()
-    for k in range(5):  # the same layers without the penalty: exact
+    for k in range(5):  # a logged input gradient changes nothing: exact
         ref = torch.autograd.grad(model.loss(x[k : k + 1]), params)
         for g, r in zip(grads.weighted_sum(torch.eye(5)[k]), ref):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

@@ -125,6 +125,7 @@ class GhostEngine(PerSampleGradEngine):
         self._handles: list[Any] = []
         self._records: dict[nn.Module, list[list[Any]]] = {}
         self._recording = False
+        self._backward = False  # in compute()'s backward pass (not one training_step runs itself)
         self._n = 0  # examples in the chunk being recorded
         self._silenced: list[nn.Parameter] = []  # weights taken out of autograd for one layer call
 
@@ -210,10 +211,14 @@ class GhostEngine(PerSampleGradEngine):
         self._records.setdefault(module, []).append(record)
 
         def keep_grad(grad: Tensor) -> None:
-            if record[1] is not None or record[2] is not None:
-                # A second backward through this call inside the step (a gradient penalty's
-                # torch.autograd.grad): the loss's gradient then has terms no recorded output
-                # gradient carries.
+            if not self._backward:
+                # training_step's own differentiation (torch.autograd.grad). With create_graph
+                # (a gradient penalty) the loss then has gradient terms no recorded output
+                # gradient carries: refuse. Without, that gradient is not the loss's: ignore it.
+                if torch.is_grad_enabled():
+                    record[:] = [None, None, _TWICE]
+                return
+            if record[1] is not None or record[2] is not None:  # a second gradient in our one backward
                 record[:] = [None, None, _TWICE]
                 return
             g = record[1] = grad.detach()
@@ -250,8 +255,10 @@ class GhostEngine(PerSampleGradEngine):
             output, loss = step(batch)
             # A mean over the chunk scales each example's gradient by 1/n: undo it on the scalar
             # loss, once, rather than on every recorded output gradient afterwards.
+            self._backward = True
             (loss * batch_size if loss_reduction == "mean" else loss).backward()
         finally:
+            self._backward = False
             self._recording = False
             self._restore()  # a forward that raised between a layer's pre-hook and its hook
         records, self._records = self._records, {}
@@ -274,9 +281,10 @@ class GhostEngine(PerSampleGradEngine):
         for m, rs in records.items():
             if any(early is _TWICE for _, _, early in rs):
                 raise PerSampleGradientError(
-                    f"The output of a {type(m).__name__} layer received two gradients in one step (training_step "
-                    "differentiates through it itself, e.g. a gradient penalty by torch.autograd.grad): the loss's "
-                    "gradient then has terms the 'ghost' engine does not record. Use engine='functorch' or 'loop'."
+                    f"training_step differentiates through a {type(m).__name__} layer itself with create_graph=True "
+                    "(e.g. a gradient penalty by torch.autograd.grad): the loss's gradient then has terms the 'ghost' "
+                    "engine does not record (it records two gradients for the layer's output). Use engine='functorch' "
+                    "or 'loop'."
                 )
         calls = {m: [(inputs, g, early) for inputs, g, early in rs if g is not None or early is not None]
                  for m, rs in records.items()}
