@@ -49,6 +49,7 @@ MODES = ["lightning", "dp-ghost", "dp-hooks", "dp-functorch", "dp-loop", "opacus
 # logging every step or at Lightning's default (every 50 steps, none in the timed window).
 LOG_MODES = ["dp-ghost+budget", "dp-ghost+budget-log1"]
 SWEEP_BATCHES = [16, 32, 64, 128]  # memory against batch size, d=128 GPT
+ROUND_MODES = ["lightning", "dp-ghost", "opacus", "opacus-ghost"]  # timed again, alternating, for the ratios
 ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by bench.py -->"
 
 
@@ -424,6 +425,8 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--phases", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of the main time ratios (GPT models; the machine's speed drifts)")
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--models", nargs="+", default=None, help="a subset of the models")
@@ -502,6 +505,30 @@ def main() -> None:
             else:
                 rows.append((model, mode, "-", "-", "-", "-", "-", "-", r.get("skipped") or r.get("error", "")))
 
+    # This machine's speed drifts by 10-20% over minutes: one run per mode, minutes apart, can
+    # move a ratio by as much. The ratios are measured again over alternating rounds.
+    rounds_lines = ["| model | rounds | non-private ms | DP (ghost) ms | Opacus ms | Opacus ghost ms | DP / non-private "
+                    "| DP / faster Opacus | per-round DP / non-private |", "|---|---|---|---|---|---|---|---|---|"]
+    for model in [] if args.quick else [m for m in models if MODELS[m]["kind"] == "gpt"]:
+        per: dict[str, list[float]] = {m: [] for m in ROUND_MODES}
+        for _ in range(args.rounds):
+            for mode in ROUND_MODES:
+                r = measure(model, mode)
+                if "step_s" in r:
+                    per[mode].append(r["step_s"] * 1000)
+        print("rounds", model, per, flush=True)
+        if all(len(v) == args.rounds for v in per.values()):
+            ratios = [d / p for d, p in zip(per["dp-ghost"], per["lightning"])]
+            vs_opacus = [d / min(o, g) for d, o, g in zip(per["dp-ghost"], per["opacus"], per["opacus-ghost"])]
+            med = {m: statistics.median(v) for m, v in per.items()}
+            rounds_lines.append(
+                f"| {model} | {args.rounds} | {med['lightning']:.1f} | {med['dp-ghost']:.1f} | {med['opacus']:.1f} "
+                f"| {med['opacus-ghost']:.1f} | {statistics.median(ratios):.2f}x | {statistics.median(vs_opacus):.2f}x "
+                f"| {', '.join(f'{x:.2f}' for x in ratios)} |")
+    rounds_table = "\n".join(rounds_lines) if len(rounds_lines) > 2 else ""
+    if rounds_table:
+        print(rounds_table)
+
     header = ("model", "mode", "step ms (median)", "time vs non-private", "time vs Opacus", "tensor peak MB",
               "tensor memory vs non-private", "process peak MB", "process memory vs non-private")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -556,6 +583,10 @@ def main() -> None:
         f"Machine: {machine()}. Device: {args.device}. {steps} timed steps after {warmup} warm-up, expected "
         "batch 64, noise 1.0, C = 1.0. Produced by `python benchmarks/bench.py"
         f"{' --quick' if args.quick else ''}`.\n\n{table}\n"
+        + (f"\n## The time ratios over alternating rounds\n\nThe machine's speed drifts by 10-20% over minutes, and "
+           "the table above runs each mode once, minutes apart. Here the non-private, ghost and Opacus runs alternate "
+           f"for {args.rounds} rounds (each a fresh process, medians of its timed steps); the ratios are medians "
+           f"over the rounds of each round's ratio.\n\n{rounds_table}\n" if rounds_table else "")
         + (f"\n## Peak memory against the expected batch size (gpt-d128-T64)\n\n{sweep_table}\n" if sweep_table else "")
         + "\n## Logging the privacy figures on every step\n\nPrivacyBudget with a CSV logger, log_every_n_steps=1 "
         "against Lightning's default (no log in the timed steps); the figures come from the plan's table.\n\n"
