@@ -509,8 +509,9 @@ def test_the_ghost_layer_norm_rule_matches_per_example_gradients() -> None:
 
 class Penalised(nn.Module):
     """A step that differentiates through its own layers: a gradient penalty as WGAN-GP writes it
-    (torch.autograd.grad with create_graph=True, in the loss), or an input gradient only logged
-    (saliency: no create_graph, not in the loss)."""
+    (torch.autograd.grad with create_graph=True, in the loss), an input gradient only logged
+    (saliency: no create_graph, not in the loss), or FGSM adversarial training (the loss on a
+    second forward, of an input moved along the first one's gradient)."""
 
     def __init__(self, norm: bool, extra: str) -> None:
         super().__init__()
@@ -521,6 +522,9 @@ class Penalised(nn.Module):
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clone().requires_grad_(True)
         out = self.net(x)
+        if self.extra == "fgsm":  # train on an adversarial input: a first forward's input gradient
+            (direction,) = torch.autograd.grad(out.square().sum(), x)
+            return self.net(x.detach() + 0.1 * direction.sign()).square().sum()
         if self.extra == "saliency":
             self.saliency.append(torch.autograd.grad(out.square().sum(), x, retain_graph=True)[0])
         if self.extra != "penalty":
@@ -530,7 +534,7 @@ class Penalised(nn.Module):
 
 
 @pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("extra", ["penalty", "saliency", "none"])
+@pytest.mark.parametrize("extra", ["penalty", "saliency", "fgsm", "none"])
 def test_ghost_refuses_a_step_that_differentiates_through_its_layers_into_the_loss(norm: bool, extra: str) -> None:
     from lightning_dp.mechanism.grads.engine import PerSampleGradientError
     from lightning_dp.mechanism.grads.ghost import GhostEngine
@@ -548,7 +552,7 @@ def test_ghost_refuses_a_step_that_differentiates_through_its_layers_into_the_lo
         _, _, grads = eng.compute(lambda b: (None, model.loss(b)), x, params, 5, "sum")
     finally:
         eng.detach()
-    for k in range(5):  # a logged input gradient changes nothing: exact
+    for k in range(5):  # the step's own gradients without create_graph are not the loss's: exact
         ref = torch.autograd.grad(model.loss(x[k : k + 1]), params)
         for g, r in zip(grads.weighted_sum(torch.eye(5)[k]), ref):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
