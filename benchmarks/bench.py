@@ -500,7 +500,8 @@ def main() -> None:
                 vs_opacus = f"{r['step_s'] / opac['step_s']:.2f}x" if "step_s" in opac else "n/a"
                 tensors = r.get("tensor_mb_scaled", float("nan"))
                 rows.append((model, mode, f"{r['step_s'] * 1000:.1f}", f"{r['step_s'] / base['step_s']:.2f}x",
-                             vs_opacus, f"{tensors:.0f}", f"{tensors / max(base.get('tensor_mb_scaled', 1.0), 1e-9):.2f}x",
+                             vs_opacus, f"{tensors:.0f}" if tensors >= 10 else f"{tensors:.2f}",
+                             f"{tensors / max(base.get('tensor_mb_scaled', 1.0), 1e-9):.2f}x",
                              f"{r['peak_mb']:.0f}", f"{r['peak_mb'] / max(base['peak_mb'], 1):.2f}x"))
             else:
                 rows.append((model, mode, "-", "-", "-", "-", "-", "-", r.get("skipped") or r.get("error", "")))
