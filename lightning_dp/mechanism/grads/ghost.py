@@ -8,8 +8,10 @@ is ``g_i^T a_i`` (summed over positions), whose squared norm is
 ``sum((a_i a_i^T) * (g_i g_i^T))``: a ``T x T`` computation instead of a ``d_out x d_in``
 matrix per example. Once every example's norm is known, the clipped sum is one matrix
 product ``(c * g)^T a``. Conv2d layers are Linear layers over unfolded patches (im2col), and
-embeddings work the same way with token equality in place of ``a_i a_i^T``. Other layers with an Opacus per-layer sampler (LayerNorm, GroupNorm, Conv, ...)
-fall back to per-example gradients for that layer only, as do parameters shared between
+embeddings work the same way with token equality in place of ``a_i a_i^T``. LayerNorm has a
+per-example rule of its own (applied during the backward, which frees its records early); other
+layers with an Opacus per-layer sampler (GroupNorm, Conv, ...) fall back to per-example
+gradients for that layer only, as do parameters shared between
 layers or layers called more than once (their cross terms are not ghost-computable).
 
 This is our own implementation rather than Opacus's ``GradSampleModuleFastGradientClipping``,
@@ -38,7 +40,9 @@ from lightning_dp.mechanism.grads.engine import (
 from lightning_dp.mechanism.grads.ghost_grads import GhostGrads
 
 _GHOST = (nn.Linear, nn.Embedding)
-_TWICE: dict[str, Tensor] = {}  # marks a call whose output received two gradients (identity, not value)
+# Marks a call whose output received a gradient the step builds a graph through, or a second
+# one (compared by identity).
+_TWICE: dict[str, Tensor] = {}
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -115,8 +119,8 @@ def _layer_norm_per_example(m: nn.LayerNorm, x: Tensor, g: Tensor) -> dict[str, 
 
 
 class GhostEngine(PerSampleGradEngine):
-    """Book-keeping ghost clipping for Linear and Embedding layers, per-layer per-example
-    gradients (Opacus's samplers) for the other supported layers."""
+    """Book-keeping ghost clipping for Linear, Conv2d and Embedding layers, per-layer per-example
+    gradients for the other supported layers (ours for LayerNorm, Opacus's samplers for the rest)."""
 
     name = "ghost"
 

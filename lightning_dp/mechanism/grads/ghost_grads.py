@@ -71,11 +71,12 @@ def gram_bound(a: Optional[Tensor], g: Tensor, ids: Optional[Tensor]) -> tuple[T
     work = torch.float32
     if 1.01 * _U32 * (d_a + d_g + positions + 2) * positions > _MAX_SLACK:
         work = torch.float64
-    bound, span = _gram_bound(a, g, ids, work)
-    if work == torch.float32 and not bool(torch.isfinite(bound).all()):
-        # A huge but finite example overflows float32's Gram: float64 holds every finite float32
-        # square; only examples with NaN or inf values stay non-finite (and are dropped).
-        bound, span = _gram_bound(a, g, ids, torch.float64)
+    with exact_arithmetic():  # the Grams, and the sums of their products, with gradual underflow
+        bound, span = _gram_bound(a, g, ids, work)
+        if work == torch.float32 and not bool(torch.isfinite(bound).all()):
+            # A huge but finite example overflows float32's Gram: float64 holds every finite float32
+            # square; only examples with NaN or inf values stay non-finite (and are dropped).
+            bound, span = _gram_bound(a, g, ids, torch.float64)
     return bound, span
 
 
@@ -85,21 +86,20 @@ def _gram_bound(a: Optional[Tensor], g: Tensor, ids: Optional[Tensor], work: tor
     u = _U32 if work == torch.float32 else 2.0**-53
     eta = torch.finfo(work).tiny * torch.finfo(work).eps  # the smallest subnormal
     g_w = g.to(work)
-    with exact_arithmetic():
-        grams = torch.bmm(g_w, g_w.transpose(1, 2))
-        g_rows = _row_norms(grams, d_g, u, eta)
-        if a is None:
-            assert ids is not None
-            grams = grams.mul_((ids.unsqueeze(2) == ids.unsqueeze(1)).to(work))
-            span = g_rows.sum(dim=1)
-            a_sum = torch.full_like(span, float(positions))  # one-hot rows: norm 1 each
-        else:
-            a_w = a.to(work)
-            a_grams = torch.bmm(a_w, a_w.transpose(1, 2))
-            a_rows = _row_norms(a_grams, d_a, u, eta)
-            grams = grams.mul_(a_grams)
-            span = (a_rows * g_rows).sum(dim=1)
-            a_sum = a_rows.sum(dim=1)
+    grams = torch.bmm(g_w, g_w.transpose(1, 2))
+    g_rows = _row_norms(grams, d_g, u, eta)
+    if a is None:
+        assert ids is not None
+        grams = grams.mul_((ids.unsqueeze(2) == ids.unsqueeze(1)).to(work))
+        span = g_rows.sum(dim=1)
+        a_sum = torch.full_like(span, float(positions))  # one-hot rows: norm 1 each
+    else:
+        a_w = a.to(work)
+        a_grams = torch.bmm(a_w, a_w.transpose(1, 2))
+        a_rows = _row_norms(a_grams, d_a, u, eta)
+        grams = grams.mul_(a_grams)
+        span = (a_rows * g_rows).sum(dim=1)
+        a_sum = a_rows.sum(dim=1)
     computed = grams.sum(dim=2).to(torch.float64).sum(dim=1)
     kappa = 1.01 * u * (d_a + d_g + positions + 2)
     # Underflow, which kappa (a relative error) does not cover: below the smallest normal number a
@@ -149,7 +149,7 @@ class _Linear:
             bound[k] = self.exact[k].square().sum()
         self.bound = bound
 
-    def weighted_sum(self, weights: Tensor) -> Tensor:
+    def weighted_sum(self, weights: Tensor) -> Tensor:  # under GhostGrads.weighted_sum's exact_arithmetic
         self.plan()
         g = self.g
         if self.exact:
@@ -162,9 +162,8 @@ class _Linear:
             a = a * w
         else:
             g = g * w
-        with exact_arithmetic():
-            flat_a, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-            out = (flat_a.t() @ flat_g if self.transposed else flat_g.t() @ flat_a).reshape(self.shape)
+        flat_a, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+        out = (flat_a.t() @ flat_g if self.transposed else flat_g.t() @ flat_a).reshape(self.shape)
         return _plus_exact(out, self.exact, weights)
 
 
