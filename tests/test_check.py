@@ -286,3 +286,28 @@ def test_a_user_built_poisson_loader_is_refused() -> None:
 
     with pytest.raises(TypeError, match="already Poisson-sampled"):
         fit(Classifier(), poisson_dataloader(loader(make_dataset())))
+
+
+class WideClassifier(Classifier):
+    """Products long enough that bf16 rounding shows (a 256-wide hidden layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))
+
+
+@pytest.mark.parametrize("engine", ["auto", "ghost", "loop"])
+def test_the_check_passes_under_the_matmul_precision_lightning_suggests(engine: str) -> None:
+    """``torch.set_float32_matmul_precision("medium")``, which Lightning suggests on GPUs with
+    tensor cores, runs float32 products in bf16 on CPUs with AMX (TF32 on CUDA): the reference
+    and every engine then differed by ~2e-3 and each engine was refused as "wrong for this
+    model". The check verifies how gradients are split by example, in exact arithmetic. On a CPU
+    without AMX the setting changes nothing here and this test cannot fail."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        t = fit(WideClassifier(), loader(make_dataset(n=64), 16), engine=engine, max_grad_norm=1.0)
+        assert t.strategy.grad_check["engine"] in ("ghost", "loop")
+        assert torch.get_float32_matmul_precision() == "medium"  # the user's setting, kept for training
+    finally:
+        torch.set_float32_matmul_precision(precision)
