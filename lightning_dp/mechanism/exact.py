@@ -29,8 +29,8 @@ def _flushes_subnormals() -> bool:
 @contextmanager
 def exact_arithmetic() -> Iterator[None]:
     """IEEE float32 arithmetic with gradual underflow, whatever the process has set: the clipped
-    sum and the ghost norm bounds assume both, and three global switches void them (an adversarial review of 2026-12-01
-    released 1.0076 C and 82 C through the first and the last):
+    sum and the ghost norm bounds assume both, and three global switches void them (an
+    adversarial review of 2026-12-01 released 1.0076 C and 82 C through the first and the last):
 
     * ``torch.set_float32_matmul_precision("high" | "medium")``: float32 products in bf16 on CPUs
       with AMX, in TF32 on CUDA (8 and 10 bits of mantissa);
@@ -39,7 +39,7 @@ def exact_arithmetic() -> Iterator[None]:
       term (the smallest subnormal per operation) does not cover.
 
     Each is restored on exit."""
-    if getattr(_exact, "depth", 0):  # nested: already in force
+    if getattr(_exact, "active", False):  # nested: already in force
         yield
         return
     precision = torch.get_float32_matmul_precision()
@@ -54,11 +54,11 @@ def exact_arithmetic() -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32 = False
     if flushing:
         torch.set_flush_denormal(False)
-    _exact.depth = 1
+    _exact.active = True
     try:
         yield
     finally:
-        _exact.depth = 0
+        _exact.active = False
         if flushing:
             torch.set_flush_denormal(True)
         torch.backends.cuda.matmul.allow_tf32 = tf32
